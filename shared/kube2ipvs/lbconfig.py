@@ -1,0 +1,678 @@
+"""The LB configuration: the Ravel-compatible JSON value held under one ConfigMap key.
+
+Pure: parsing and validation do no I/O. Validation is total: it walks the whole document and
+reports every problem with the JSON path of the offending field, so an operator fixes a
+config in one round. Keys match case-insensitively (`IPVSOptions` and `ipvsOptions` alike);
+unknown keys are accepted with a warning, because real configs carry keys such as
+`persistenceEnabled` that this implementation does not act on.
+
+The only exception this module raises is `ConfigError` (and only from the `parse_*`/`load_*`
+functions); arbitrary JSON of any shape never escapes as anything else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Final, Literal
+
+import yaml
+
+Family = Literal[4, 6]
+Forwarding = Literal["g", "i"]
+Protocol = Literal["tcp", "udp"]
+
+SCHEDULERS: Final = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh")
+# IPVS scheduler flags are three generic bits; sh and mh give bits 1 and 2 their own names.
+_FLAG_BITS: Final[Mapping[str, int]] = {
+    "flag-1": 1, "flag-2": 2, "flag-3": 3,
+    "sh-fallback": 1, "sh-port": 2, "mh-fallback": 1, "mh-port": 2,
+}
+MTU_MIN: Final = 576
+MTU_MAX: Final = 9216
+THRESHOLD_MAX: Final = 2**32 - 1
+# A ConfigMap holds at most 1 MiB in all, so a larger value can never have come from one.
+MAX_CONFIG_BYTES: Final = 1024 * 1024
+MAX_DOCUMENT_BYTES: Final = 4 * MAX_CONFIG_BYTES
+MAX_REPORTED_ERRORS: Final = 200
+
+_DNS1123_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_DNS1035_LABEL: Final = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?\Z")
+_LABEL_NAME: Final = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]\Z")
+_DNS1123_SUBDOMAIN: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_PORT_KEY: Final = re.compile(r"[1-9][0-9]{0,4}\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem (or warning) with the JSON path of the field it is about."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(ValueError):
+    """The LB configuration was rejected; `issues` lists every reason with its path."""
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues: tuple[ConfigIssue, ...] = tuple(issues)
+        super().__init__(self.summary())
+
+    def summary(self) -> str:
+        shown = [str(i) for i in self.issues[:MAX_REPORTED_ERRORS]]
+        hidden = len(self.issues) - len(shown)
+        if hidden > 0:
+            shown.append(f"... and {hidden} more")
+        return "; ".join(shown)
+
+
+@dataclass(frozen=True, slots=True)
+class IPVSOptions:
+    scheduler: str | None  # None: the mode's default (wrr; mh for BGP directors)
+    forwarding: Forwarding
+    u_threshold: int
+    l_threshold: int
+    flags: tuple[int, ...]  # scheduler flag bits 1..3, sorted
+
+
+DEFAULT_IPVS_OPTIONS: Final = IPVSOptions(
+    scheduler=None, forwarding="g", u_threshold=0, l_threshold=0, flags=()
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PortConfig:
+    """One VIP:port of the config, mapped to a Kubernetes service port."""
+
+    vip: str  # canonical text form
+    family: Family
+    port: int
+    namespace: str
+    service: str
+    port_name: str
+    tcp: bool
+    udp: bool
+    ipvs: IPVSOptions
+
+    @property
+    def protocols(self) -> tuple[Protocol, ...]:
+        both: tuple[Protocol, ...] = ("tcp", "udp")
+        return tuple(p for p, on in zip(both, (self.tcp, self.udp), strict=True) if on)
+
+
+@dataclass(frozen=True, slots=True)
+class LBConfig:
+    vip_pool: tuple[str, ...]
+    labels: tuple[tuple[str, str], ...]  # sorted; a backend node must carry all of them
+    mtu: tuple[tuple[str, int], ...]  # VIP -> MTU, both families, sorted
+    entries: tuple[PortConfig, ...]  # sorted by family, VIP, port
+    warnings: tuple[ConfigIssue, ...] = field(default=(), compare=False)
+
+    def mtu_of(self, vip: str) -> int | None:
+        return dict(self.mtu).get(vip)
+
+    def vips(self) -> tuple[str, ...]:
+        """Every VIP the config names (pool and entries), sorted."""
+        return tuple(sorted({*self.vip_pool, *(e.vip for e in self.entries)}, key=address_sort_key))
+
+    def enabled_keys(self) -> frozenset[tuple[str, int, Protocol]]:
+        return frozenset((e.vip, e.port, p) for e in self.entries for p in e.protocols)
+
+
+EMPTY_CONFIG: Final = LBConfig(vip_pool=(), labels=(), mtu=(), entries=())
+
+
+def address_sort_key(address: str) -> tuple[int, int]:
+    ip = ipaddress.ip_address(address)
+    return (ip.version, int(ip))
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _quote(key: str) -> str:
+    return json.dumps(key, ensure_ascii=False)
+
+
+def _typename(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _show(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str | int | float | bool) else ""
+    if not text:
+        return _typename(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Walker:
+    """Collects errors and warnings while walking one document."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigIssue] = []
+        self.warnings: list[ConfigIssue] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(ConfigIssue(path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(ConfigIssue(path, message))
+
+    def fields(
+        self, obj: Mapping[str, object], path: str, known: Mapping[str, Callable[[object], bool] | None]
+    ) -> dict[str, tuple[str, object]]:
+        """Case-insensitive field lookup: lowercase key -> (key as written, value).
+
+        `known` maps a lowercase key to None (a key we use) or to a predicate that says whether
+        a recognised-but-unsupported value is harmless (no warning then).
+        """
+        found: dict[str, tuple[str, object]] = {}
+        for key, value in obj.items():
+            lower = key.lower()
+            here = _join(path, key)
+            if lower in found:
+                self.error(here, f"duplicate key (also given as {_quote(found[lower][0])})")
+                continue
+            found[lower] = (key, value)
+            if lower not in known:
+                self.warn(here, "unknown key, ignored")
+                continue
+            harmless = known[lower]
+            if harmless is not None and not harmless(value):
+                self.warn(here, "not supported by kube2ipvs, ignored")
+        return found
+
+
+def _join(path: str, key: str, *, quote: bool = False) -> str:
+    part = _quote(key) if quote or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else key
+    return f"{path}.{part}" if path else part
+
+
+def _falsy(value: object) -> bool:
+    return value in (None, False, 0, "", {}, [])
+
+
+_TOP_KNOWN: Final[Mapping[str, Callable[[object], bool] | None]] = {
+    "vippool": None, "labels": None, "mtuconfig": None, "mtuconfig6": None,
+    "config": None, "config6": None, "ipv6": _falsy,
+}
+_ENTRY_KNOWN: Final[Mapping[str, Callable[[object], bool] | None]] = {
+    "namespace": None, "service": None, "portname": None, "tcpenabled": None, "udpenabled": None,
+    "ipvsoptions": None,
+    # Ravel's per-family switches: the family here follows config/config6, so they carry no meaning.
+    "ipv4enabled": lambda v: True, "ipv6enabled": lambda v: True,
+    "proxyprotocolenabled": _falsy,
+}
+_IPVS_KNOWN: Final[Mapping[str, Callable[[object], bool] | None]] = {
+    "scheduler": None, "forwardingmethod": None, "uthreshold": None, "lthreshold": None, "flags": None,
+    "persistenceenabled": _falsy, "persistencetimeout": _falsy, "persistencenetmask": _falsy,
+}
+
+
+def _parse_address(w: _Walker, path: str, value: object, family: Family | None) -> str | None:
+    if not isinstance(value, str):
+        w.error(path, f"{_show(value)} is not an IP address")
+        return None
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        w.error(path, f"{_show(value)} is not an IP address")
+        return None
+    if family is not None and ip.version != family:
+        w.error(path, f"{_show(value)} is not an IPv{family} address")
+        return None
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or (ip.version == 4 and str(ip) == "255.255.255.255"):
+        w.error(path, f"{_show(value)} cannot be a VIP (unspecified, loopback, multicast or broadcast)")
+        return None
+    return str(ip)
+
+
+def _parse_vip_key(w: _Walker, path: str, key: str, family: Family) -> str | None:
+    return _parse_address(w, _join(path, key, quote=True), key, family)
+
+
+def _parse_bool(w: _Walker, path: str, value: object, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        w.error(path, f"{_show(value)} is not true or false")
+        return default
+    return value
+
+
+def _parse_int(w: _Walker, path: str, value: object, low: int, high: int) -> int | None:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            w.error(path, f"{_show(value)} must be written as a whole number without a fraction")
+        else:
+            w.error(path, f"{_show(value)} is not a whole number")
+        return None
+    if not low <= value <= high:
+        w.error(path, f"{value} is outside {low}-{high}")
+        return None
+    return value
+
+
+def _parse_name(w: _Walker, path: str, value: object, what: str, pattern: re.Pattern[str]) -> str | None:
+    if not isinstance(value, str) or not value:
+        w.error(path, f"{_show(value)} is not a valid {what} (a non-empty string is required)")
+        return None
+    if len(value) > 63 or not pattern.match(value):
+        w.error(path, f"{_show(value)} is not a valid {what}")
+        return None
+    return value
+
+
+def _parse_ipvs(w: _Walker, path: str, value: object) -> IPVSOptions:
+    if value is None:
+        return DEFAULT_IPVS_OPTIONS
+    if not isinstance(value, dict):
+        w.error(path, f"{_show(value)} is not an object")
+        return DEFAULT_IPVS_OPTIONS
+    f = w.fields(value, path, _IPVS_KNOWN)
+
+    def get(name: str) -> tuple[str, object]:
+        key, val = f.get(name, (name, None))
+        return _join(path, key), val
+
+    p, raw = get("scheduler")
+    scheduler: str | None = None
+    if raw is not None and raw != "":
+        if not isinstance(raw, str) or raw not in SCHEDULERS:
+            w.error(p, f"{_show(raw)} is not one of {', '.join(SCHEDULERS)}")
+        else:
+            scheduler = raw
+
+    p, raw = get("forwardingmethod")
+    forwarding: Forwarding = "g"
+    if raw == "i":
+        forwarding = "i"
+    elif raw not in (None, "", "g"):
+        w.error(p, f"{_show(raw)} is not g (direct routing) or i (IPIP tunnel)")
+
+    up, raw_u = get("uthreshold")
+    lp, raw_l = get("lthreshold")
+    upper = _parse_int(w, up, raw_u, 0, THRESHOLD_MAX)
+    lower = _parse_int(w, lp, raw_l, 0, THRESHOLD_MAX)
+    if upper is not None and lower is not None and lower > upper:
+        w.error(lp, f"{lower} is greater than uThreshold {upper}")
+
+    p, raw = get("flags")
+    flags: set[int] = set()
+    if raw not in (None, ""):
+        if not isinstance(raw, str):
+            w.error(p, f"{_show(raw)} is not a comma-separated string of scheduler flags")
+        else:
+            for token in (t.strip() for t in raw.split(",")):
+                bit = _FLAG_BITS.get(token)
+                if bit is None:
+                    w.error(p, f"{_show(token)} is not one of {', '.join(_FLAG_BITS)}")
+                elif token.startswith("sh-") and scheduler != "sh":
+                    w.error(p, f"{_show(token)} needs scheduler sh")
+                elif token.startswith("mh-") and scheduler not in ("mh", None):
+                    w.error(p, f"{_show(token)} needs scheduler mh")
+                else:
+                    flags.add(bit)
+    return IPVSOptions(
+        scheduler=scheduler,
+        forwarding=forwarding,
+        u_threshold=upper or 0,
+        l_threshold=lower or 0,
+        flags=tuple(sorted(flags)),
+    )
+
+
+def _parse_entry(w: _Walker, path: str, vip: str, family: Family, port: int, value: object) -> PortConfig | None:
+    if not isinstance(value, dict):
+        w.error(path, f"{_show(value)} is not an object")
+        return None
+    before = len(w.errors)
+    f = w.fields(value, path, _ENTRY_KNOWN)
+
+    def get(name: str) -> tuple[str, object]:
+        key, val = f.get(name, (name, None))
+        return _join(path, key), val
+
+    namespace = _parse_name(w, *get("namespace"), "Kubernetes namespace name", _DNS1123_LABEL)
+    service = _parse_name(w, *get("service"), "Kubernetes service name", _DNS1035_LABEL)
+    port_name = _parse_name(w, *get("portname"), "Kubernetes port name", _DNS1123_LABEL)
+    # An entry written without the switches serves TCP: that is what a user writing one by hand means.
+    tcp = _parse_bool(w, *get("tcpenabled"), default=True)
+    udp = _parse_bool(w, *get("udpenabled"), default=False)
+    for name in ("ipv4enabled", "ipv6enabled", "proxyprotocolenabled"):
+        if name in f:
+            _parse_bool(w, *get(name), default=False)
+    ipvs = _parse_ipvs(w, *get("ipvsoptions"))
+    if len(w.errors) != before or namespace is None or service is None or port_name is None:
+        return None
+    return PortConfig(
+        vip=vip, family=family, port=port, namespace=namespace, service=service,
+        port_name=port_name, tcp=tcp, udp=udp, ipvs=ipvs,
+    )
+
+
+def _parse_services(w: _Walker, path: str, value: object, family: Family) -> list[PortConfig]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        w.error(path, f"{_show(value)} is not an object mapping VIP to ports")
+        return []
+    entries: list[PortConfig] = []
+    seen: dict[str, str] = {}
+    for vip_key, ports in value.items():
+        vpath = _join(path, vip_key, quote=True)
+        vip = _parse_vip_key(w, path, vip_key, family)
+        if vip is None:
+            continue
+        if vip in seen:
+            w.error(vpath, f"same address as {_quote(seen[vip])}")
+            continue
+        seen[vip] = vip_key
+        if not isinstance(ports, dict):
+            w.error(vpath, f"{_show(ports)} is not an object mapping port to service")
+            continue
+        for port_key, entry in ports.items():
+            ppath = _join(vpath, port_key, quote=True)
+            if not _PORT_KEY.match(port_key) or not 1 <= int(port_key) <= 65535:
+                w.error(ppath, f"{_quote(port_key)} is not a port number 1-65535 (decimal, no leading zeros)")
+                continue
+            parsed = _parse_entry(w, ppath, vip, family, int(port_key), entry)
+            if parsed is not None:
+                entries.append(parsed)
+    return entries
+
+
+def _parse_mtu(w: _Walker, path: str, value: object, family: Family) -> list[tuple[str, int]]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        w.error(path, f"{_show(value)} is not an object mapping VIP to MTU")
+        return []
+    out: list[tuple[str, int]] = []
+    for key, raw in value.items():
+        here = _join(path, key, quote=True)
+        vip = _parse_vip_key(w, path, key, family)
+        number: object = raw
+        if isinstance(raw, str) and re.fullmatch(r"[0-9]{1,5}", raw):
+            number = int(raw)  # Ravel writes MTUs as strings
+        mtu = _parse_int(w, here, number, MTU_MIN, MTU_MAX) if raw is not None else None
+        if raw is None:
+            w.error(here, "null is not an MTU")
+        if vip is not None and mtu is not None:
+            out.append((vip, mtu))
+    return out
+
+
+def _parse_labels(w: _Walker, path: str, value: object) -> list[tuple[str, str]]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        w.error(path, f"{_show(value)} is not an object of label key to value")
+        return []
+    out: list[tuple[str, str]] = []
+    for key, val in value.items():
+        here = _join(path, key, quote=True)
+        prefix, _, name = key.rpartition("/")
+        if (
+            len(name) > 63
+            or not _LABEL_NAME.match(name)
+            or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)))
+            or (not prefix and key.startswith("/"))
+        ):
+            w.error(here, f"{_quote(key)} is not a valid Kubernetes label key")
+            continue
+        if not isinstance(val, str) or (val and (len(val) > 63 or not _LABEL_NAME.match(val))):
+            w.error(here, f"{_show(val)} is not a valid Kubernetes label value")
+            continue
+        out.append((key, val))
+    return out
+
+
+def _parse_pool(w: _Walker, path: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        w.error(path, f"{_show(value)} is not an array of addresses")
+        return []
+    pool: list[str] = []
+    for i, item in enumerate(value):
+        vip = _parse_address(w, f"{path}[{i}]", item, None)
+        if vip is not None:
+            if vip in pool:
+                w.warn(f"{path}[{i}]", f"{_show(item)} is listed twice")
+            else:
+                pool.append(vip)
+    return pool
+
+
+def parse_lbconfig_value(doc: object) -> LBConfig:
+    """Validate an already-decoded JSON value; raise ConfigError with every problem."""
+    w = _Walker()
+    if not isinstance(doc, dict):
+        raise ConfigError([ConfigIssue("", f"the LB config must be a JSON object, not {_typename(doc)}")])
+    f = w.fields(doc, "", _TOP_KNOWN)
+
+    def get(name: str) -> tuple[str, object]:
+        key, val = f.get(name, (name, None))
+        return key, val
+
+    pool = _parse_pool(w, *get("vippool"))
+    labels = _parse_labels(w, *get("labels"))
+    mtu = _parse_mtu(w, *get("mtuconfig"), 4) + _parse_mtu(w, *get("mtuconfig6"), 6)
+    entries = _parse_services(w, *get("config"), 4) + _parse_services(w, *get("config6"), 6)
+    if w.errors:
+        raise ConfigError(w.errors)
+    entries.sort(key=lambda e: (*address_sort_key(e.vip), e.port))
+    return LBConfig(
+        vip_pool=tuple(sorted(pool, key=address_sort_key)),
+        labels=tuple(sorted(labels)),
+        mtu=tuple(sorted(mtu, key=lambda m: address_sort_key(m[0]))),
+        entries=tuple(entries),
+        warnings=tuple(w.warnings),
+    )
+
+
+def _decode_json(text: str | bytes, limit: int) -> object:
+    if len(text) > limit:
+        raise ConfigError([ConfigIssue("", f"input is {len(text)} bytes; the limit is {limit} bytes")])
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ConfigError([ConfigIssue("", "not valid JSON: nested too deeply")]) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue("", f"not valid JSON: {exc}")]) from None
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_lbconfig(text: str | bytes) -> LBConfig:
+    """Parse and validate the JSON text held under the ConfigMap key."""
+    return parse_lbconfig_value(_decode_json(text, MAX_CONFIG_BYTES))
+
+
+def load_config_document(text: str | bytes, key: str | None = None) -> tuple[LBConfig, str | None]:
+    """Parse a file that is either a ConfigMap (JSON or YAML) or the bare JSON value.
+
+    Returns the config and the ConfigMap key it came from (None for a bare value). `key` may be
+    omitted when the ConfigMap has exactly one data key.
+    """
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise ConfigError([ConfigIssue("", f"file is {len(text)} bytes; the limit is {MAX_DOCUMENT_BYTES}")])
+    doc: object
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ConfigError([ConfigIssue("", "not valid JSON: nested too deeply")]) from None
+    except (ValueError, UnicodeDecodeError):
+        doc = _decode_yaml(text)
+    if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
+        value, key = configmap_value(doc, key)
+        return parse_lbconfig(value), key
+    if key is not None:
+        raise ConfigError([ConfigIssue("", f"--config-key {key!r} given, but the file is not a ConfigMap")])
+    return parse_lbconfig_value(doc), None
+
+
+def _decode_yaml(text: str | bytes) -> object:
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError([ConfigIssue("", "not valid JSON or YAML: nested too deeply")]) from None
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError([ConfigIssue("", f"not valid JSON or YAML{where}")]) from None
+
+
+def configmap_value(configmap: Mapping[str, object], key: str | None) -> tuple[str, str]:
+    """The text under `key` of a ConfigMap object (the only key when `key` is None)."""
+    data = configmap.get("data")
+    if not isinstance(data, dict) or not data:
+        raise ConfigError([ConfigIssue("data", "the ConfigMap has no data")])
+    if key is None:
+        if len(data) != 1:
+            keys = ", ".join(sorted(str(k) for k in data))
+            raise ConfigError([ConfigIssue("data", f"the ConfigMap has several keys ({keys}); choose one")])
+        key = str(next(iter(data)))
+    if key not in data:
+        keys = ", ".join(sorted(str(k) for k in data))
+        raise ConfigError([ConfigIssue(f"data.{key}", f"no such key in the ConfigMap (it has: {keys})")])
+    value = data[key]
+    if not isinstance(value, str):
+        raise ConfigError([ConfigIssue(f"data.{key}", "ConfigMap data values must be strings")])
+    return value, key
+
+
+# --------------------------------------------------------------------------------------------
+# Policy helpers (pure)
+
+
+@dataclass(frozen=True, slots=True)
+class RemovalCheck:
+    """How much of what is in force a new config would remove."""
+
+    removed: tuple[tuple[str, int, Protocol], ...]
+    in_force: int
+    max_share: float
+
+    @property
+    def share(self) -> float:
+        return len(self.removed) / self.in_force if self.in_force else 0.0
+
+    @property
+    def exceeds(self) -> bool:
+        return self.share > self.max_share
+
+    def describe(self) -> str:
+        return (
+            f"would remove {len(self.removed)} of {self.in_force} VIP:port/protocols in force "
+            f"({self.share:.0%}, limit {self.max_share:.0%})"
+        )
+
+
+def removal_check(in_force: LBConfig | None, new: LBConfig, *, max_share: float = 0.5) -> RemovalCheck:
+    """Would `new` remove more than `max_share` of the VIP:port/protocols `in_force` serves?"""
+    if not 0.0 <= max_share <= 1.0:
+        raise ValueError(f"max_share {max_share} is outside 0..1")
+    old = in_force.enabled_keys() if in_force is not None else frozenset()
+    removed = old - new.enabled_keys()
+    ordered = sorted(removed, key=lambda k: (*address_sort_key(k[0]), k[1], k[2]))
+    return RemovalCheck(removed=tuple(ordered), in_force=len(old), max_share=max_share)
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultService:
+    """The "unicorns" service answering on one port of every pool VIP."""
+
+    namespace: str
+    service: str
+    port_name: str
+    port: int = 70
+
+    @classmethod
+    def parse(cls, spec: str, port: int = 70) -> DefaultService:
+        """`NS/SVC:PORTNAME` -> DefaultService; ValueError with the reason otherwise."""
+        match = re.fullmatch(r"([^/]+)/([^:]+):(.+)", spec)
+        if match is None:
+            raise ValueError(f"{spec!r} is not NAMESPACE/SERVICE:PORTNAME")
+        w = _Walker()
+        ns = _parse_name(w, "namespace", match[1], "Kubernetes namespace name", _DNS1123_LABEL)
+        svc = _parse_name(w, "service", match[2], "Kubernetes service name", _DNS1035_LABEL)
+        pn = _parse_name(w, "portName", match[3], "Kubernetes port name", _DNS1123_LABEL)
+        if not 1 <= port <= 65535:
+            w.error("port", f"{port} is outside 1-65535")
+        if w.errors or ns is None or svc is None or pn is None:
+            raise ValueError("; ".join(str(e) for e in w.errors))
+        return cls(namespace=ns, service=svc, port_name=pn, port=port)
+
+
+def with_default_service(config: LBConfig, default: DefaultService) -> LBConfig:
+    """Add a TCP entry for `default` to every pool VIP that has no enabled entry on its port.
+
+    A VIP whose entry on that port has neither TCP nor UDP enabled (as Ravel configs write the
+    unicorns port) counts as lacking it: such an entry does nothing, and the point of the default
+    service is that `curl http://$VIP:70` answers on every VIP.
+    """
+    taken = {(e.vip, e.port) for e in config.entries if e.protocols}
+    needs = [vip for vip in config.vip_pool if (vip, default.port) not in taken]
+    if not needs:
+        return config
+    added = [
+        PortConfig(
+            vip=vip, family=6 if ":" in vip else 4, port=default.port,
+            namespace=default.namespace, service=default.service, port_name=default.port_name,
+            tcp=True, udp=False, ipvs=DEFAULT_IPVS_OPTIONS,
+        )
+        for vip in needs
+    ]
+    kept = [e for e in config.entries if not (e.port == default.port and e.vip in needs)]
+    merged = sorted([*kept, *added], key=lambda e: (*address_sort_key(e.vip), e.port))
+    return replace(config, entries=tuple(merged))
+
+
+def config_to_json(config: LBConfig) -> dict[str, object]:
+    """The canonical JSON value of a parsed config (round-trips through parse_lbconfig_value)."""
+    sections: dict[str, dict[str, dict[str, object]]] = {"config": {}, "config6": {}}
+    for e in config.entries:
+        section = sections["config" if e.family == 4 else "config6"]
+        flags = ",".join(f"flag-{b}" for b in e.ipvs.flags)
+        section.setdefault(e.vip, {})[str(e.port)] = {
+            "namespace": e.namespace, "service": e.service, "portName": e.port_name,
+            "tcpEnabled": e.tcp, "udpEnabled": e.udp,
+            "ipvsOptions": {
+                "scheduler": e.ipvs.scheduler or "", "forwardingMethod": e.ipvs.forwarding,
+                "uThreshold": e.ipvs.u_threshold, "lThreshold": e.ipvs.l_threshold, "flags": flags,
+            },
+        }
+    return {
+        "vipPool": list(config.vip_pool),
+        "labels": dict(config.labels),
+        "mtuConfig": {v: str(m) for v, m in config.mtu if ":" not in v},
+        "mtuConfig6": {v: str(m) for v, m in config.mtu if ":" in v},
+        **sections,
+    }
+

@@ -1,0 +1,201 @@
+"""Frozen model of the Kubernetes inputs and of the normalized cluster state. Pure.
+
+Identity of a virtual service is (vip, port, protocol); everything else is an attribute that
+planners update in place. Every tuple in a ClusterState is sorted, so two states built from the
+same inputs in any order compare (and hash) equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+from kube2ipvs.lbconfig import Family, Forwarding, Protocol, address_sort_key
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes inputs (what normalize reads; built by kube.py from API objects)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    ready: bool
+    unschedulable: bool
+    labels: Mapping[str, str]
+    internal_ips: tuple[str, ...]  # in the order the API lists them
+
+    def address(self, family: Family) -> str | None:
+        """The node's first InternalIP of `family`: where the director sends VIP traffic."""
+        for ip in self.internal_ips:
+            if (6 if ":" in ip else 4) == family:
+                return ip
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    port: int
+    protocol: str  # TCP, UDP, SCTP
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    namespace: str
+    name: str
+    headless: bool
+    ports: tuple[ServicePort, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SliceEndpoint:
+    address: str
+    ready: bool  # conditions.ready is not false
+    node_name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SlicePort:
+    name: str
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    namespace: str
+    name: str
+    service_name: str | None  # label kubernetes.io/service-name
+    family: Family | None  # None: addressType FQDN (never used)
+    ports: tuple[SlicePort, ...]
+    endpoints: tuple[SliceEndpoint, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalized cluster state (what the watcher publishes and every service consumes)
+
+
+@dataclass(frozen=True, slots=True)
+class PodEndpoint:
+    """A ready pod address and its target port: where a realserver DNATs to."""
+
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One real server of a virtual service: a node and its ready local endpoints."""
+
+    node: str
+    address: str  # the node's InternalIP of the VIP's family
+    endpoints: tuple[PodEndpoint, ...]  # sorted, at least one
+
+    @property
+    def weight(self) -> int:
+        return len(self.endpoints)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    vip: str
+    family: Family
+    port: int
+    protocol: Protocol
+    namespace: str
+    service: str
+    port_name: str
+    scheduler: str | None  # None: the director's mode default
+    forwarding: Forwarding
+    u_threshold: int
+    l_threshold: int
+    flags: tuple[int, ...]
+    mtu: int | None
+    backends: tuple[Backend, ...]  # sorted by node address
+
+    @property
+    def key(self) -> tuple[str, int, Protocol]:
+        return (self.vip, self.port, self.protocol)
+
+    @property
+    def service_ref(self) -> str:
+        return f"{self.namespace}/{self.service}:{self.port_name}"
+
+    @property
+    def total_weight(self) -> int:
+        return sum(b.weight for b in self.backends)
+
+    def sort_key(self) -> tuple[int, int, int, str]:
+        return (*address_sort_key(self.vip), self.port, self.protocol)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    name: str
+    addresses: tuple[str, ...]
+    eligible: bool
+    reason: str  # why not eligible ("" when eligible)
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """Something normalize left out, and why (shown by `rules`, `/config` and logs)."""
+
+    subject: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    generation: int
+    vips: tuple[str, ...]  # every configured VIP, sorted (directors hold and announce these)
+    services: tuple[VirtualService, ...]  # sorted by VIP, port, protocol
+    nodes: tuple[NodeStatus, ...]  # sorted by name
+    skipped: tuple[Skip, ...] = field(default=(), compare=False)
+
+    @cached_property
+    def content_hash(self) -> str:
+        """sha256 over what consumers program: VIPs, services and backends. Not the generation."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.vips).encode())
+        for vs in self.services:
+            digest.update(_canonical_service(vs).encode())
+            digest.update(b"\n")
+        return "sha256:" + digest.hexdigest()
+
+    def for_node(self, node: str) -> tuple[VirtualService, ...]:
+        """The realserver's slice: services with endpoints on `node`, keeping only that backend."""
+        out: list[VirtualService] = []
+        for vs in self.services:
+            mine = tuple(b for b in vs.backends if b.node == node)
+            if mine:
+                out.append(replace(vs, backends=mine))
+        return tuple(out)
+
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.nodes)
+
+
+def _canonical_service(vs: VirtualService) -> str:
+    return json.dumps(
+        [
+            vs.vip, vs.port, vs.protocol, vs.namespace, vs.service, vs.port_name, vs.scheduler,
+            vs.forwarding, vs.u_threshold, vs.l_threshold, list(vs.flags), vs.mtu,
+            [[b.node, b.address, [[e.address, e.port] for e in b.endpoints]] for b in vs.backends],
+        ],
+        separators=(",", ":"),
+    )
+
+
+def family_of(address: str) -> Family:
+    return 6 if ipaddress.ip_address(address).version == 6 else 4
+
+
+
+def hostport(address: str, port: int) -> str:
+    """`192.0.2.1:80` / `[2001:db8::1]:80`."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

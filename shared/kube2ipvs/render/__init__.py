@@ -1,0 +1,1 @@
+"""Pure renderers of the cardinal rules (DESIGN.md 4): one canonical, sorted text per format."""
