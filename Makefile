@@ -1,0 +1,126 @@
+# kube2ipvs: the two commands are `make lab` (run the system) and `make test` (run every test).
+# Works on a fresh Debian 12 machine as root; see README.md.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# System packages the project needs. Later issues add to this one list.
+APT_PACKAGES := python3 python3-venv python3-pip nftables iptables iproute2 curl
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Rebuilt (pip re-run) only when the dependency declarations change.
+STAMP := $(VENV)/.kube2ipvs-installed
+# Per-lane logs and exit codes of the last `make test`, read by its summary.
+LANES := $(VENV)/test-lanes
+
+PYTEST := $(VENV)/bin/pytest
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+# Placeholder until the VM issue: the IPVS lane will boot a qemu VM and run `pytest -m vm` inside it.
+VM_LANE := test-vm
+
+.PHONY: help install system-packages lint test test-vm lab bench clean
+
+help:
+	@echo "make install   system packages (apt) + .venv with the project and its dev tools"
+	@echo "make lint      ruff, mypy, import-linter"
+	@echo "make test      install, lint, then every test lane (pure+fakes, root, vm)"
+	@echo "make lab       the whole system on this host (not there yet)"
+	@echo "make bench     render benchmark at cluster scale (BENCH_ARGS='--scale 0.1' for a quick run)"
+	@echo "make clean     remove .venv and caches"
+
+install: system-packages $(STAMP)
+
+# Installs only what is missing, so a second run costs one dpkg-query per package.
+system-packages:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	echo "system packages missing:$$missing"; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; \
+	else echo "error: not root and no sudo; install them with: apt-get install -y$$missing" >&2; exit 1; fi; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
+
+$(VPY): | system-packages
+	@echo "creating $(VENV) with $$(command -v $(PYTHON)) ($$($(PYTHON) --version 2>&1))"
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+
+$(STAMP): pyproject.toml constraints.txt | $(VPY)
+	$(VPY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+# Every linter runs even when an earlier one fails, so one run shows every problem.
+lint: install
+	@failed=""; \
+	echo "==> ruff check ."; $(VENV)/bin/ruff check . || failed="$$failed ruff"; \
+	echo "==> mypy"; $(VENV)/bin/mypy || failed="$$failed mypy"; \
+	echo "==> lint-imports"; $(VENV)/bin/lint-imports || failed="$$failed lint-imports"; \
+	if [ -n "$$failed" ]; then echo "lint failed:$$failed" >&2; exit 1; fi; \
+	echo "lint: ok"
+
+# One lane: run it, keep its output and exit code. pytest's 5 ("no tests collected") counts as
+# success, because a lane whose marker matches nothing yet is empty, not broken.
+define run_lane
+echo; echo '==================== lane $(1): $(2)'; \
+$(2) 2>&1 | tee $(LANES)/$(1).log; rc=$${PIPESTATUS[0]}; \
+if [ "$$rc" = 5 ]; then rc=0; echo "(no tests collected for lane $(1))"; fi; \
+echo "$$rc" > $(LANES)/$(1).rc
+endef
+
+test: install
+	@rm -rf $(LANES) && mkdir -p $(LANES)
+	@$(call run_lane,lint,$(MAKE) --no-print-directory lint)
+	@$(call run_lane,pure,$(PYTEST) $(PYTEST_ARGS) -m "not root and not vm")
+	@if [ "$$(id -u)" != 0 ]; then echo "note: not root, the root lane's tests will skip themselves"; fi
+	@$(call run_lane,root,$(PYTEST) $(PYTEST_ARGS) -m root)
+	@$(call run_lane,vm,$(MAKE) --no-print-directory $(VM_LANE))
+	@$(summary)
+
+# The summary: each lane's verdict and pytest closing line, then the totals over every lane in
+# pytest's own closing-line shape, printed last. "deselected" is left out of the totals: every
+# lane deselects the tests of the others.
+define summary
+echo; echo "==================== summary"; \
+bad=""; \
+for lane in lint pure root vm; do \
+  rc=$$(cat $(LANES)/$$lane.rc 2>/dev/null || echo 99); \
+  last=$$(grep -E '^=+ .* in [0-9.]+s.* =+$$' $(LANES)/$$lane.log 2>/dev/null | tail -n 1 | sed -E 's/^=+ //; s/ =+$$//'); \
+  if grep -q '^no VM lane yet' $(LANES)/$$lane.log 2>/dev/null; then last="no VM lane yet"; fi; \
+  if [ "$$rc" = 0 ]; then verdict=ok; else verdict="FAILED (exit $$rc)"; bad="$$bad $$lane"; fi; \
+  printf '  %-5s %-18s %s\n' "$$lane" "$$verdict" "$$last"; \
+done; \
+if [ -n "$$bad" ]; then echo "make test: FAILED lanes:$$bad"; else echo "make test: every lane passed"; fi; \
+cat $(LANES)/*.log | grep -E '^=+ .* in [0-9.]+s.* =+$$' | awk ' \
+  { for (i = 1; i < NF; i++) { \
+      w = $$(i + 1); sub(/,$$/, "", w); \
+      if ($$i ~ /^[0-9]+$$/ && w ~ /^(passed|failed|skipped|xfailed|xpassed|errors?|warnings?)$$/) { \
+        if (w == "error") w = "errors"; if (w == "warning") w = "warnings"; n[w] += $$i } \
+      if ($$i == "in") t += $$(i + 1) + 0 } } \
+  END { out = ""; \
+    split("failed passed skipped xfailed xpassed errors warnings", order, " "); \
+    for (k = 1; k <= 7; k++) if (n[order[k]] > 0) out = out (out == "" ? "" : ", ") n[order[k]] " " order[k]; \
+    if (out == "") out = "no tests ran"; \
+    printf "==================== all lanes: %s in %.2fs ====================\n", out, t }'; \
+[ -z "$$bad" ]
+endef
+
+test-vm:
+	@echo "no VM lane yet: the real-IPVS lane (qemu VM, pytest -m vm) comes with a later issue"
+
+lab:
+	@echo "make lab: the lab does not exist yet; the lab issue brings it (the whole system in network namespaces on this host)" >&2
+	@exit 2
+
+bench: install
+	$(VPY) bench/bench_render.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
