@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from kube2ipvs.lbconfig import Family, Forwarding, Protocol, address_sort_key
+from kube2ipvs.bulk import gc_paused
+from kube2ipvs.lbconfig import Family, Forwarding, Protocol
 from kube2ipvs.model import ClusterState, VirtualService
 
 Mode = Literal["arp", "bgp"]
@@ -74,25 +75,28 @@ def desired_service(vs: VirtualService, mode: Mode) -> IpvsService:
     flags = vs.flags
     if scheduler == "mh" and not flags:
         flags = MH_DEFAULT_FLAGS
-    total = vs.total_weight
+    weights = [len(b.endpoints) for b in vs.backends]
+    total = sum(weights)
+    upper, lower, port, forwarding = vs.u_threshold, vs.l_threshold, vs.port, vs.forwarding
     dests = tuple(
         IpvsDest(
             address=b.address,
-            port=vs.port,  # direct routing keeps the destination port: the realserver DNATs it
-            forwarding=vs.forwarding,
-            weight=b.weight,
-            u_threshold=split_threshold(vs.u_threshold, b.weight, total),
-            l_threshold=split_threshold(vs.l_threshold, b.weight, total),
+            port=port,  # direct routing keeps the destination port: the realserver DNATs it
+            forwarding=forwarding,
+            weight=w,
+            u_threshold=split_threshold(upper, w, total) if upper else 0,
+            l_threshold=split_threshold(lower, w, total) if lower else 0,
         )
-        for b in vs.backends
+        for b, w in zip(vs.backends, weights, strict=True)
     )
     return IpvsService(
         vip=vs.vip, family=vs.family, port=vs.port, protocol=vs.protocol,
         scheduler=scheduler, flags=flags,
-        dests=tuple(sorted(dests, key=lambda d: address_sort_key(d.address))),
+        dests=dests,  # in the backends' order: sorted by address
     )
 
 
 def desired_ipvs(state: ClusterState, mode: Mode) -> tuple[IpvsService, ...]:
     """One IPVS virtual service per VIP, port and protocol that has at least one real server."""
-    return tuple(desired_service(vs, mode) for vs in state.services if vs.backends)
+    with gc_paused():
+        return tuple(desired_service(vs, mode) for vs in state.services if vs.backends)

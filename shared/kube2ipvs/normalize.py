@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from kube2ipvs.bulk import gc_paused
 from kube2ipvs.lbconfig import Family, LBConfig, PortConfig, Protocol, address_sort_key
 from kube2ipvs.model import (
     Backend,
@@ -101,6 +102,21 @@ def normalize(
     generation: int = 0,
     exclude_cordoned: bool = False,
     skipped: Sequence[Skip] = (),
+) -> ClusterState:
+    with gc_paused():
+        return _normalize(nodes, services, endpointslices, config, generation=generation,
+                          exclude_cordoned=exclude_cordoned, skipped=skipped)
+
+
+def _normalize(
+    nodes: Iterable[Node],
+    services: Iterable[Service],
+    endpointslices: Iterable[EndpointSlice],
+    config: LBConfig,
+    *,
+    generation: int,
+    exclude_cordoned: bool,
+    skipped: Sequence[Skip],
 ) -> ClusterState:
     skips: list[Skip] = list(skipped)
     statuses, eligible = _node_statuses(nodes, config.labels, exclude_cordoned)
