@@ -12,10 +12,13 @@ functions); arbitrary JSON of any shape never escapes as anything else.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import math
 import re
+import socket
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
@@ -129,9 +132,19 @@ class LBConfig:
 EMPTY_CONFIG: Final = LBConfig(vip_pool=(), labels=(), mtu=(), entries=())
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def address_sort_key(address: str) -> tuple[int, int]:
-    ip = ipaddress.ip_address(address)
-    return (ip.version, int(ip))
+    """(family, integer value): numeric address order, IPv4 before IPv6.
+
+    On every sort of cluster state, so it avoids the `ipaddress` module (10x slower) and caches:
+    node addresses recur across thousands of services.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        return (6 if family == socket.AF_INET6 else 4, int.from_bytes(socket.inet_pton(family, address)))
+    except OSError:
+        ip = ipaddress.ip_address(address)  # raises ValueError, as callers expect of a bad address
+        return (ip.version, int(ip))
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +152,22 @@ def address_sort_key(address: str) -> tuple[int, int]:
 
 
 def _quote(key: str) -> str:
-    return json.dumps(key, ensure_ascii=False)
+    """JSON string syntax with every unprintable character escaped.
+
+    Control characters, lone surrogates (which no encoder accepts, so printing the message would
+    fail) and bidi overrides (which make a message read differently from what it says) all come
+    out as \\uXXXX.
+    """
+    text = json.dumps(key, ensure_ascii=False)
+    return text if text.isprintable() else "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code > 0xFFFF:  # JSON spells astral characters as a surrogate pair
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
 
 
 def _typename(value: object) -> str:
@@ -155,14 +183,56 @@ def _typename(value: object) -> str:
         return "an array"
     if isinstance(value, dict):
         return "an object"
-    return type(value).__name__
+    return f"a {type(value).__name__}"  # only YAML (or a Python caller) makes other types
 
 
 def _show(value: object) -> str:
-    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str | int | float | bool) else ""
-    if not text:
+    if isinstance(value, str):
+        text = _quote(value)
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        # str() refuses ints over 4300 digits (ValueError); past 77 digits the text would be cut anyway.
+        return "a very large number"
+    elif isinstance(value, int | float):
+        text = json.dumps(value)
+    else:
         return _typename(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _JSONObject(dict[str, object]):
+    """A decoded JSON object that remembers the keys written more than once.
+
+    `json` silently keeps the last of repeated keys, so a port entry pasted twice would lose one
+    without a word; the walker reports them instead (as it does keys repeated in another case).
+    """
+
+    __slots__ = ("repeated",)
+
+    def __init__(self, pairs: list[tuple[str, object]]) -> None:
+        super().__init__(pairs)
+        self.repeated: tuple[str, ...] = ()
+        if len(self) != len(pairs):
+            counts = Counter(key for key, _ in pairs)
+            self.repeated = tuple(key for key, n in counts.items() if n > 1)
+
+
+_Known = Mapping[str, Callable[[object], bool] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Fields:
+    """The members of one object, found case-insensitively."""
+
+    path: str
+    found: Mapping[str, tuple[str, object]]  # lowercase key -> (key as written, value)
+
+    def get(self, name: str) -> tuple[str, object]:
+        """(path, value) of a field given its canonical spelling; the value is None when absent."""
+        key, value = self.found.get(name.lower(), (name, None))
+        return _join(self.path, key), value
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self.found
 
 
 class _Walker:
@@ -178,29 +248,41 @@ class _Walker:
     def warn(self, path: str, message: str) -> None:
         self.warnings.append(ConfigIssue(path, message))
 
-    def fields(
-        self, obj: Mapping[str, object], path: str, known: Mapping[str, Callable[[object], bool] | None]
-    ) -> dict[str, tuple[str, object]]:
-        """Case-insensitive field lookup: lowercase key -> (key as written, value).
-
-        `known` maps a lowercase key to None (a key we use) or to a predicate that says whether
-        a recognised-but-unsupported value is harmless (no warning then).
-        """
-        found: dict[str, tuple[str, object]] = {}
+    def items(self, obj: Mapping[object, object], path: str, *, quote: bool = False) -> list[tuple[str, object]]:
+        """The members of an object; keys that are not strings (YAML allows them) and keys repeated
+        in the JSON text are errors."""
+        for key in getattr(obj, "repeated", ()):
+            self.error(_join(path, key, quote=quote), "key given more than once")
+        members: list[tuple[str, object]] = []
         for key, value in obj.items():
+            if isinstance(key, str):
+                members.append((key, value))
+            else:
+                self.error(path, f"{_show(key)} is not allowed as a key (keys are strings)")
+        return members
+
+    def fields(self, obj: Mapping[object, object], path: str, known: _Known) -> _Fields:
+        """Case-insensitive field lookup.
+
+        `known` maps each field's canonical spelling to None (a field we use) or to a predicate
+        that says whether a recognised-but-unsupported value is harmless (no warning then).
+        """
+        by_lower = {name.lower(): check for name, check in known.items()}
+        found: dict[str, tuple[str, object]] = {}
+        for key, value in self.items(obj, path):
             lower = key.lower()
             here = _join(path, key)
             if lower in found:
                 self.error(here, f"duplicate key (also given as {_quote(found[lower][0])})")
                 continue
             found[lower] = (key, value)
-            if lower not in known:
+            if lower not in by_lower:
                 self.warn(here, "unknown key, ignored")
                 continue
-            harmless = known[lower]
+            harmless = by_lower[lower]
             if harmless is not None and not harmless(value):
                 self.warn(here, "not supported by kube2ipvs, ignored")
-        return found
+        return _Fields(path, found)
 
 
 def _join(path: str, key: str, *, quote: bool = False) -> str:
@@ -212,20 +294,21 @@ def _falsy(value: object) -> bool:
     return value in (None, False, 0, "", {}, [])
 
 
-_TOP_KNOWN: Final[Mapping[str, Callable[[object], bool] | None]] = {
-    "vippool": None, "labels": None, "mtuconfig": None, "mtuconfig6": None,
+# Canonical spellings: a missing field's path is written this way.
+_TOP_KNOWN: Final[_Known] = {
+    "vipPool": None, "labels": None, "mtuConfig": None, "mtuConfig6": None,
     "config": None, "config6": None, "ipv6": _falsy,
 }
-_ENTRY_KNOWN: Final[Mapping[str, Callable[[object], bool] | None]] = {
-    "namespace": None, "service": None, "portname": None, "tcpenabled": None, "udpenabled": None,
-    "ipvsoptions": None,
+_ENTRY_KNOWN: Final[_Known] = {
+    "namespace": None, "service": None, "portName": None, "tcpEnabled": None, "udpEnabled": None,
+    "ipvsOptions": None,
     # Ravel's per-family switches: the family here follows config/config6, so they carry no meaning.
-    "ipv4enabled": lambda v: True, "ipv6enabled": lambda v: True,
-    "proxyprotocolenabled": _falsy,
+    "ipv4Enabled": lambda v: True, "ipv6Enabled": lambda v: True,
+    "proxyProtocolEnabled": _falsy,
 }
-_IPVS_KNOWN: Final[Mapping[str, Callable[[object], bool] | None]] = {
-    "scheduler": None, "forwardingmethod": None, "uthreshold": None, "lthreshold": None, "flags": None,
-    "persistenceenabled": _falsy, "persistencetimeout": _falsy, "persistencenetmask": _falsy,
+_IPVS_KNOWN: Final[_Known] = {
+    "scheduler": None, "forwardingMethod": None, "uThreshold": None, "lThreshold": None, "flags": None,
+    "persistenceEnabled": _falsy, "persistenceTimeout": _falsy, "persistenceNetmask": _falsy,
 }
 
 
@@ -240,6 +323,11 @@ def _parse_address(w: _Walker, path: str, value: object, family: Family | None) 
         return None
     if family is not None and ip.version != family:
         w.error(path, f"{_show(value)} is not an IPv{family} address")
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        # Python accepts "addr%anything" as a scoped address; the text after % would reach
+        # nft and ip(8) command lines verbatim.
+        w.error(path, f"{_show(value)} cannot be a VIP (a zone index is not allowed)")
         return None
     if ip.is_unspecified or ip.is_multicast or ip.is_loopback or (ip.version == 4 and str(ip) == "255.255.255.255"):
         w.error(path, f"{_show(value)} cannot be a VIP (unspecified, loopback, multicast or broadcast)")
@@ -270,12 +358,15 @@ def _parse_int(w: _Walker, path: str, value: object, low: int, high: int) -> int
             w.error(path, f"{_show(value)} is not a whole number")
         return None
     if not low <= value <= high:
-        w.error(path, f"{value} is outside {low}-{high}")
+        w.error(path, f"{_show(value)} is outside {low}-{high}")
         return None
     return value
 
 
 def _parse_name(w: _Walker, path: str, value: object, what: str, pattern: re.Pattern[str]) -> str | None:
+    if value is None:
+        w.error(path, f"a {what} is required")
+        return None
     if not isinstance(value, str) or not value:
         w.error(path, f"{_show(value)} is not a valid {what} (a non-empty string is required)")
         return None
@@ -293,11 +384,7 @@ def _parse_ipvs(w: _Walker, path: str, value: object) -> IPVSOptions:
         return DEFAULT_IPVS_OPTIONS
     f = w.fields(value, path, _IPVS_KNOWN)
 
-    def get(name: str) -> tuple[str, object]:
-        key, val = f.get(name, (name, None))
-        return _join(path, key), val
-
-    p, raw = get("scheduler")
+    p, raw = f.get("scheduler")
     scheduler: str | None = None
     if raw is not None and raw != "":
         if not isinstance(raw, str) or raw not in SCHEDULERS:
@@ -305,21 +392,21 @@ def _parse_ipvs(w: _Walker, path: str, value: object) -> IPVSOptions:
         else:
             scheduler = raw
 
-    p, raw = get("forwardingmethod")
+    p, raw = f.get("forwardingMethod")
     forwarding: Forwarding = "g"
     if raw == "i":
         forwarding = "i"
     elif raw not in (None, "", "g"):
         w.error(p, f"{_show(raw)} is not g (direct routing) or i (IPIP tunnel)")
 
-    up, raw_u = get("uthreshold")
-    lp, raw_l = get("lthreshold")
+    up, raw_u = f.get("uThreshold")
+    lp, raw_l = f.get("lThreshold")
     upper = _parse_int(w, up, raw_u, 0, THRESHOLD_MAX)
     lower = _parse_int(w, lp, raw_l, 0, THRESHOLD_MAX)
     if upper is not None and lower is not None and lower > upper:
         w.error(lp, f"{lower} is greater than uThreshold {upper}")
 
-    p, raw = get("flags")
+    p, raw = f.get("flags")
     flags: set[int] = set()
     if raw not in (None, ""):
         if not isinstance(raw, str):
@@ -350,21 +437,16 @@ def _parse_entry(w: _Walker, path: str, vip: str, family: Family, port: int, val
         return None
     before = len(w.errors)
     f = w.fields(value, path, _ENTRY_KNOWN)
-
-    def get(name: str) -> tuple[str, object]:
-        key, val = f.get(name, (name, None))
-        return _join(path, key), val
-
-    namespace = _parse_name(w, *get("namespace"), "Kubernetes namespace name", _DNS1123_LABEL)
-    service = _parse_name(w, *get("service"), "Kubernetes service name", _DNS1035_LABEL)
-    port_name = _parse_name(w, *get("portname"), "Kubernetes port name", _DNS1123_LABEL)
+    namespace = _parse_name(w, *f.get("namespace"), "Kubernetes namespace name", _DNS1123_LABEL)
+    service = _parse_name(w, *f.get("service"), "Kubernetes service name", _DNS1035_LABEL)
+    port_name = _parse_name(w, *f.get("portName"), "Kubernetes port name", _DNS1123_LABEL)
     # An entry written without the switches serves TCP: that is what a user writing one by hand means.
-    tcp = _parse_bool(w, *get("tcpenabled"), default=True)
-    udp = _parse_bool(w, *get("udpenabled"), default=False)
-    for name in ("ipv4enabled", "ipv6enabled", "proxyprotocolenabled"):
+    tcp = _parse_bool(w, *f.get("tcpEnabled"), default=True)
+    udp = _parse_bool(w, *f.get("udpEnabled"), default=False)
+    for name in ("ipv4Enabled", "ipv6Enabled", "proxyProtocolEnabled"):
         if name in f:
-            _parse_bool(w, *get(name), default=False)
-    ipvs = _parse_ipvs(w, *get("ipvsoptions"))
+            _parse_bool(w, *f.get(name), default=False)
+    ipvs = _parse_ipvs(w, *f.get("ipvsOptions"))
     if len(w.errors) != before or namespace is None or service is None or port_name is None:
         return None
     return PortConfig(
@@ -381,7 +463,7 @@ def _parse_services(w: _Walker, path: str, value: object, family: Family) -> lis
         return []
     entries: list[PortConfig] = []
     seen: dict[str, str] = {}
-    for vip_key, ports in value.items():
+    for vip_key, ports in w.items(value, path, quote=True):
         vpath = _join(path, vip_key, quote=True)
         vip = _parse_vip_key(w, path, vip_key, family)
         if vip is None:
@@ -393,7 +475,7 @@ def _parse_services(w: _Walker, path: str, value: object, family: Family) -> lis
         if not isinstance(ports, dict):
             w.error(vpath, f"{_show(ports)} is not an object mapping port to service")
             continue
-        for port_key, entry in ports.items():
+        for port_key, entry in w.items(ports, vpath, quote=True):
             ppath = _join(vpath, port_key, quote=True)
             if not _PORT_KEY.match(port_key) or not 1 <= int(port_key) <= 65535:
                 w.error(ppath, f"{_quote(port_key)} is not a port number 1-65535 (decimal, no leading zeros)")
@@ -411,9 +493,15 @@ def _parse_mtu(w: _Walker, path: str, value: object, family: Family) -> list[tup
         w.error(path, f"{_show(value)} is not an object mapping VIP to MTU")
         return []
     out: list[tuple[str, int]] = []
-    for key, raw in value.items():
+    seen: dict[str, str] = {}
+    for key, raw in w.items(value, path, quote=True):
         here = _join(path, key, quote=True)
         vip = _parse_vip_key(w, path, key, family)
+        if vip is not None and vip in seen:
+            w.error(here, f"same address as {_quote(seen[vip])}")
+            continue
+        if vip is not None:
+            seen[vip] = key
         number: object = raw
         if isinstance(raw, str) and re.fullmatch(r"[0-9]{1,5}", raw):
             number = int(raw)  # Ravel writes MTUs as strings
@@ -432,7 +520,7 @@ def _parse_labels(w: _Walker, path: str, value: object) -> list[tuple[str, str]]
         w.error(path, f"{_show(value)} is not an object of label key to value")
         return []
     out: list[tuple[str, str]] = []
-    for key, val in value.items():
+    for key, val in w.items(value, path, quote=True):
         here = _join(path, key, quote=True)
         prefix, _, name = key.rpartition("/")
         if (
@@ -473,15 +561,10 @@ def parse_lbconfig_value(doc: object) -> LBConfig:
     if not isinstance(doc, dict):
         raise ConfigError([ConfigIssue("", f"the LB config must be a JSON object, not {_typename(doc)}")])
     f = w.fields(doc, "", _TOP_KNOWN)
-
-    def get(name: str) -> tuple[str, object]:
-        key, val = f.get(name, (name, None))
-        return key, val
-
-    pool = _parse_pool(w, *get("vippool"))
-    labels = _parse_labels(w, *get("labels"))
-    mtu = _parse_mtu(w, *get("mtuconfig"), 4) + _parse_mtu(w, *get("mtuconfig6"), 6)
-    entries = _parse_services(w, *get("config"), 4) + _parse_services(w, *get("config6"), 6)
+    pool = _parse_pool(w, *f.get("vipPool"))
+    labels = _parse_labels(w, *f.get("labels"))
+    mtu = _parse_mtu(w, *f.get("mtuConfig"), 4) + _parse_mtu(w, *f.get("mtuConfig6"), 6)
+    entries = _parse_services(w, *f.get("config"), 4) + _parse_services(w, *f.get("config6"), 6)
     if w.errors:
         raise ConfigError(w.errors)
     entries.sort(key=lambda e: (*address_sort_key(e.vip), e.port))
@@ -494,11 +577,19 @@ def parse_lbconfig_value(doc: object) -> LBConfig:
     )
 
 
+def _check_size(text: str | bytes, limit: int, what: str) -> None:
+    # A str has at most as many characters as its UTF-8 bytes, so only a short one needs encoding.
+    size = len(text)
+    if isinstance(text, str) and size <= limit:
+        size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise ConfigError([ConfigIssue("", f"{what} is {size} bytes; the limit is {limit} bytes")])
+
+
 def _decode_json(text: str | bytes, limit: int) -> object:
-    if len(text) > limit:
-        raise ConfigError([ConfigIssue("", f"input is {len(text)} bytes; the limit is {limit} bytes")])
+    _check_size(text, limit, "input")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_JSONObject)
     except RecursionError:
         raise ConfigError([ConfigIssue("", "not valid JSON: nested too deeply")]) from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -520,11 +611,10 @@ def load_config_document(text: str | bytes, key: str | None = None) -> tuple[LBC
     Returns the config and the ConfigMap key it came from (None for a bare value). `key` may be
     omitted when the ConfigMap has exactly one data key.
     """
-    if len(text) > MAX_DOCUMENT_BYTES:
-        raise ConfigError([ConfigIssue("", f"file is {len(text)} bytes; the limit is {MAX_DOCUMENT_BYTES}")])
+    _check_size(text, MAX_DOCUMENT_BYTES, "file")
     doc: object
     try:
-        doc = json.loads(text, parse_constant=_reject_constant)
+        doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_JSONObject)
     except RecursionError:
         raise ConfigError([ConfigIssue("", "not valid JSON: nested too deeply")]) from None
     except (ValueError, UnicodeDecodeError):
@@ -533,19 +623,31 @@ def load_config_document(text: str | bytes, key: str | None = None) -> tuple[LBC
         value, key = configmap_value(doc, key)
         return parse_lbconfig(value), key
     if key is not None:
-        raise ConfigError([ConfigIssue("", f"--config-key {key!r} given, but the file is not a ConfigMap")])
+        raise ConfigError([ConfigIssue("", f"--config-key {_quote(key)} given, but the file is not a ConfigMap")])
     return parse_lbconfig_value(doc), None
+
+
+# libyaml when present: the pure-Python loader takes tens of seconds on a few MB of YAML, and
+# libyaml also bounds nesting depth itself.
+_YAML_LOADER: Final[type[yaml.SafeLoader]] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _decode_yaml(text: str | bytes) -> object:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
     except RecursionError:
         raise ConfigError([ConfigIssue("", "not valid JSON or YAML: nested too deeply")]) from None
     except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
+        problem = getattr(exc, "problem", None)
+        what = f": {problem}" if isinstance(problem, str) else ""
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError([ConfigIssue("", f"not valid JSON or YAML{where}")]) from None
+        raise ConfigError([ConfigIssue("", f"not valid JSON or YAML{what}{where}")]) from None
+
+
+def _configmap_key(key: object) -> str:
+    # Kubernetes allows only these characters in data keys; anything else is shown quoted.
+    return key if isinstance(key, str) and re.fullmatch(r"[-._a-zA-Z0-9]+", key) else _show(key)
 
 
 def configmap_value(configmap: Mapping[str, object], key: str | None) -> tuple[str, str]:
@@ -553,17 +655,19 @@ def configmap_value(configmap: Mapping[str, object], key: str | None) -> tuple[s
     data = configmap.get("data")
     if not isinstance(data, dict) or not data:
         raise ConfigError([ConfigIssue("data", "the ConfigMap has no data")])
+    keys = ", ".join(sorted(_configmap_key(k) for k in data))
     if key is None:
         if len(data) != 1:
-            keys = ", ".join(sorted(str(k) for k in data))
             raise ConfigError([ConfigIssue("data", f"the ConfigMap has several keys ({keys}); choose one")])
         key = str(next(iter(data)))
+    path = _join("data", key)
     if key not in data:
-        keys = ", ".join(sorted(str(k) for k in data))
-        raise ConfigError([ConfigIssue(f"data.{key}", f"no such key in the ConfigMap (it has: {keys})")])
+        raise ConfigError([ConfigIssue(path, f"no such key in the ConfigMap (it has: {keys})")])
+    if key in getattr(data, "repeated", ()):
+        raise ConfigError([ConfigIssue(path, "key given more than once")])
     value = data[key]
     if not isinstance(value, str):
-        raise ConfigError([ConfigIssue(f"data.{key}", "ConfigMap data values must be strings")])
+        raise ConfigError([ConfigIssue(path, "ConfigMap data values must be strings")])
     return value, key
 
 
@@ -618,7 +722,7 @@ class DefaultService:
         """`NS/SVC:PORTNAME` -> DefaultService; ValueError with the reason otherwise."""
         match = re.fullmatch(r"([^/]+)/([^:]+):(.+)", spec)
         if match is None:
-            raise ValueError(f"{spec!r} is not NAMESPACE/SERVICE:PORTNAME")
+            raise ValueError(f"{_quote(spec)} is not NAMESPACE/SERVICE:PORTNAME")
         w = _Walker()
         ns = _parse_name(w, "namespace", match[1], "Kubernetes namespace name", _DNS1123_LABEL)
         svc = _parse_name(w, "service", match[2], "Kubernetes service name", _DNS1035_LABEL)
