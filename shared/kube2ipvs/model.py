@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Any
 
 from kube2ipvs.lbconfig import Family, Forwarding, Protocol, address_sort_key
 
@@ -156,16 +157,23 @@ class ClusterState:
     services: tuple[VirtualService, ...]  # sorted by VIP, port, protocol
     nodes: tuple[NodeStatus, ...]  # sorted by name
     skipped: tuple[Skip, ...] = field(default=(), compare=False)
+    # service_digest() of each service, when the builder already knows them (incremental builds)
+    known_digests: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+
+    @cached_property
+    def service_digests(self) -> tuple[str, ...]:
+        if self.known_digests is not None and len(self.known_digests) == len(self.services):
+            return self.known_digests
+        return tuple(service_digest(vs) for vs in self.services)
 
     @cached_property
     def content_hash(self) -> str:
-        """sha256 over what consumers program: VIPs, services and backends. Not the generation."""
-        digest = hashlib.sha256()
-        digest.update(json.dumps(self.vips).encode())
-        for vs in self.services:
-            digest.update(_canonical_service(vs).encode())
-            digest.update(b"\n")
-        return "sha256:" + digest.hexdigest()
+        """sha256 over what consumers program: VIPs, services and backends. Not the generation.
+
+        Defined over the canonical wire bytes of each part (vips_value, service_value), so a consumer
+        holding the published values can check it without re-encoding anything.
+        """
+        return content_hash(vips_value(self.vips), self.service_digests)
 
     def for_node(self, node: str) -> tuple[VirtualService, ...]:
         """The realserver's slice: services with endpoints on `node`, keeping only that backend."""
@@ -180,20 +188,70 @@ class ClusterState:
         return tuple(n.name for n in self.nodes)
 
 
-def _canonical_service(vs: VirtualService) -> str:
-    return json.dumps(
-        [
-            vs.vip, vs.port, vs.protocol, vs.namespace, vs.service, vs.port_name, vs.scheduler,
-            vs.forwarding, vs.u_threshold, vs.l_threshold, list(vs.flags), vs.mtu,
-            [[b.node, b.address, [[e.address, e.port] for e in b.endpoints]] for b in vs.backends],
+# ---------------------------------------------------------------------------------------------
+# Canonical encodings: the JSON shapes /config and the NATS protocol use, and the content hash.
+
+
+def service_to_dict(vs: VirtualService) -> dict[str, Any]:
+    return {
+        "vip": vs.vip,
+        "port": vs.port,
+        "protocol": vs.protocol,
+        "service": {"namespace": vs.namespace, "name": vs.service, "portName": vs.port_name},
+        "ipvs": {
+            "scheduler": vs.scheduler,
+            "forwarding": vs.forwarding,
+            "uThreshold": vs.u_threshold,
+            "lThreshold": vs.l_threshold,
+            "flags": list(vs.flags),
+        },
+        "mtu": vs.mtu,
+        "backends": [
+            {
+                "node": b.node,
+                "address": b.address,
+                "weight": b.weight,
+                "endpoints": [{"address": e.address, "port": e.port} for e in b.endpoints],
+            }
+            for b in vs.backends
         ],
-        separators=(",", ":"),
-    )
+    }
+
+
+def node_status_to_dict(n: NodeStatus) -> dict[str, Any]:
+    return {"name": n.name, "addresses": list(n.addresses), "eligible": n.eligible, "reason": n.reason}
+
+
+def compact_json(doc: object) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def service_value(vs: VirtualService) -> bytes:
+    return compact_json(service_to_dict(vs))
+
+
+def vips_value(vips: tuple[str, ...]) -> bytes:
+    return compact_json(list(vips))
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def service_digest(vs: VirtualService) -> str:
+    return digest(service_value(vs))
+
+
+def content_hash(vips: bytes, service_digests: Iterable[str]) -> str:
+    h = hashlib.sha256(vips)
+    for d in service_digests:
+        h.update(b"\n")
+        h.update(d.encode())
+    return "sha256:" + h.hexdigest()
 
 
 def family_of(address: str) -> Family:
     return 6 if ipaddress.ip_address(address).version == 6 else 4
-
 
 
 def hostport(address: str, port: int) -> str:

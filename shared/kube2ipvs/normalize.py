@@ -27,6 +27,7 @@ from kube2ipvs.model import (
     SlicePort,
     VirtualService,
     hostport,
+    service_digest,
 )
 
 
@@ -36,30 +37,27 @@ class _Eligible:
     address: dict[Family, str]
 
 
-def _node_statuses(
-    nodes: Iterable[Node], labels: tuple[tuple[str, str], ...], exclude_cordoned: bool
-) -> tuple[list[NodeStatus], dict[str, _Eligible]]:
-    statuses: list[NodeStatus] = []
-    eligible: dict[str, _Eligible] = {}
-    for node in sorted(nodes, key=lambda n: n.name):
-        reason = ""
-        if not node.ready:
-            reason = "not Ready"
-        elif missing := [f"{k}={v}" for k, v in labels if node.labels.get(k) != v]:
-            reason = "lacks label " + ", ".join(missing)
-        elif not node.internal_ips:
-            reason = "has no InternalIP"
-        elif exclude_cordoned and node.unschedulable:
-            reason = "cordoned"
-        statuses.append(NodeStatus(node.name, node.internal_ips, not reason, reason))
-        if not reason:
-            addresses: dict[Family, str] = {}
-            for family in (4, 6):
-                address = node.address(family)
-                if address is not None:
-                    addresses[family] = address
-            eligible[node.name] = _Eligible(node.name, addresses)
-    return statuses, eligible
+def _node_status(
+    node: Node, labels: tuple[tuple[str, str], ...], exclude_cordoned: bool
+) -> tuple[NodeStatus, _Eligible | None]:
+    reason = ""
+    if not node.ready:
+        reason = "not Ready"
+    elif missing := [f"{k}={v}" for k, v in labels if node.labels.get(k) != v]:
+        reason = "lacks label " + ", ".join(missing)
+    elif not node.internal_ips:
+        reason = "has no InternalIP"
+    elif exclude_cordoned and node.unschedulable:
+        reason = "cordoned"
+    status = NodeStatus(node.name, node.internal_ips, not reason, reason)
+    if reason:
+        return status, None
+    addresses: dict[Family, str] = {}
+    for family in (4, 6):
+        address = node.address(family)
+        if address is not None:
+            addresses[family] = address
+    return status, _Eligible(node.name, addresses)
 
 
 def _slice_port(slice_: EndpointSlice, port_name: str, protocol: Protocol) -> SlicePort | None:
@@ -103,60 +101,219 @@ def normalize(
     exclude_cordoned: bool = False,
     skipped: Sequence[Skip] = (),
 ) -> ClusterState:
-    with gc_paused():
-        return _normalize(nodes, services, endpointslices, config, generation=generation,
-                          exclude_cordoned=exclude_cordoned, skipped=skipped)
+    """The cluster state these objects and this config describe (a one-shot Normalizer)."""
+    normalizer = Normalizer(config, exclude_cordoned=exclude_cordoned, track_digests=False)
+    normalizer.replace_all(nodes, services, endpointslices)
+    return normalizer.state(generation=generation, skipped=skipped)
 
 
-def _normalize(
-    nodes: Iterable[Node],
-    services: Iterable[Service],
-    endpointslices: Iterable[EndpointSlice],
-    config: LBConfig,
-    *,
-    generation: int,
-    exclude_cordoned: bool,
-    skipped: Sequence[Skip],
-) -> ClusterState:
-    skips: list[Skip] = list(skipped)
-    statuses, eligible = _node_statuses(nodes, config.labels, exclude_cordoned)
+ServiceRef = tuple[str, str]  # (namespace, name)
+ServiceKey = tuple[str, int, Protocol]  # (vip, port, protocol)
 
-    by_service: dict[tuple[str, str], Service] = {(s.namespace, s.name): s for s in services}
-    slices: dict[tuple[str, str], list[EndpointSlice]] = defaultdict(list)
-    for es in endpointslices:
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    vs: VirtualService | None
+    skips: tuple[Skip, ...]
+    digest: str | None
+
+
+class Normalizer:
+    """normalize(), kept up to date object by object.
+
+    Holds the parsed objects and the virtual service computed for every config entry. A change
+    marks only the Kubernetes services it touches as dirty, and `state()` recomputes just those:
+    one EndpointSlice update costs one service's work, not the cluster's. A node update costs
+    nothing unless it changes the node's eligibility or addresses. Not thread-safe; the watcher
+    calls it from its one event loop.
+    """
+
+    def __init__(self, config: LBConfig, *, exclude_cordoned: bool = False, track_digests: bool = True) -> None:
+        self._exclude_cordoned = exclude_cordoned
+        self._track_digests = track_digests
+        self._nodes: dict[str, Node] = {}
+        self._statuses: dict[str, NodeStatus] = {}
+        self._eligible: dict[str, _Eligible] = {}
+        self._services: dict[ServiceRef, Service] = {}
+        self._slices: dict[ServiceRef, EndpointSlice] = {}  # by (namespace, slice name)
+        self._slices_of: dict[ServiceRef, dict[str, EndpointSlice]] = defaultdict(dict)
+        self._results: dict[ServiceKey, _Result] = {}
+        self._dirty: set[ServiceRef] = set()
+        self._all_dirty = True
+        self.set_config(config)
+
+    @property
+    def config(self) -> LBConfig:
+        return self._config
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def set_config(self, config: LBConfig) -> None:
+        self._config = config
+        self._mtu = dict(config.mtu)
+        self._order: list[tuple[PortConfig, Protocol]] = [(e, p) for e in config.entries for p in e.protocols]
+        self._entries_of: dict[ServiceRef, list[tuple[PortConfig, Protocol]]] = defaultdict(list)
+        for entry, protocol in self._order:
+            self._entries_of[(entry.namespace, entry.service)].append((entry, protocol))
+        self._mark_all()
+
+    def replace_all(
+        self, nodes: Iterable[Node], services: Iterable[Service], endpointslices: Iterable[EndpointSlice]
+    ) -> None:
+        self.replace_nodes(nodes)
+        self.replace_services(services)
+        self.replace_endpointslices(endpointslices)
+
+    def replace_nodes(self, nodes: Iterable[Node]) -> None:
+        self._nodes = {n.name: n for n in nodes}
+        self._mark_all()
+
+    def replace_services(self, services: Iterable[Service]) -> None:
+        self._services = {(s.namespace, s.name): s for s in services}
+        self._mark_all()
+
+    def replace_endpointslices(self, endpointslices: Iterable[EndpointSlice]) -> None:
+        self._slices = {}
+        self._slices_of = defaultdict(dict)
+        for es in endpointslices:
+            self._add_slice(es)
+        self._mark_all()
+
+    def upsert_node(self, node: Node) -> None:
+        self._nodes[node.name] = node
+        self._node_changed(node.name)
+
+    def delete_node(self, name: str) -> None:
+        if self._nodes.pop(name, None) is not None:
+            self._node_changed(name)
+
+    def upsert_service(self, service: Service) -> None:
+        ref = (service.namespace, service.name)
+        if self._services.get(ref) != service:
+            self._services[ref] = service
+            self._dirty.add(ref)
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        if self._services.pop((namespace, name), None) is not None:
+            self._dirty.add((namespace, name))
+
+    def upsert_endpointslice(self, es: EndpointSlice) -> None:
+        old = self._slices.get((es.namespace, es.name))
+        if old == es:
+            return
+        if old is not None:
+            self._remove_slice(old)
+        self._add_slice(es)
+
+    def delete_endpointslice(self, namespace: str, name: str) -> None:
+        old = self._slices.get((namespace, name))
+        if old is not None:
+            self._remove_slice(old)
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def state(self, *, generation: int = 0, skipped: Sequence[Skip] = ()) -> ClusterState:
+        with gc_paused():
+            self._recompute()
+        services: list[VirtualService] = []
+        digests: list[str] = []
+        skips: list[Skip] = list(skipped)
+        for entry, protocol in self._order:
+            result = self._results[(entry.vip, entry.port, protocol)]
+            skips.extend(result.skips)
+            if result.vs is not None:
+                services.append(result.vs)
+                if result.digest is not None:
+                    digests.append(result.digest)
+        return ClusterState(
+            generation=generation,
+            vips=self._config.vips(),
+            services=tuple(services),  # config entries are sorted by VIP and port; tcp before udp
+            nodes=tuple(self._statuses[name] for name in sorted(self._statuses)),
+            skipped=tuple(skips),
+            known_digests=tuple(digests) if self._track_digests else None,
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _mark_all(self) -> None:
+        self._all_dirty = True
+        self._dirty.clear()
+
+    def _set_status(self, node: Node) -> None:
+        status, eligible = _node_status(node, self._config.labels, self._exclude_cordoned)
+        self._statuses[node.name] = status
+        if eligible is None:
+            self._eligible.pop(node.name, None)
+        else:
+            self._eligible[node.name] = eligible
+
+    def _node_changed(self, name: str) -> None:
+        before = (self._statuses.get(name), self._eligible.get(name))
+        node = self._nodes.get(name)
+        if node is None:
+            self._statuses.pop(name, None)
+            self._eligible.pop(name, None)
+        else:
+            self._set_status(node)
+        if (self._statuses.get(name), self._eligible.get(name)) == before or self._all_dirty:
+            return
+        # Eligibility or addresses changed: every service with an endpoint on the node is affected.
+        for es in self._slices.values():
+            if es.service_name is not None and any(ep.node_name == name for ep in es.endpoints):
+                self._dirty.add((es.namespace, es.service_name))
+
+    def _add_slice(self, es: EndpointSlice) -> None:
+        self._slices[(es.namespace, es.name)] = es
         if es.service_name is not None and es.family is not None:
-            slices[(es.namespace, es.service_name)].append(es)
+            self._slices_of[(es.namespace, es.service_name)][es.name] = es
+            self._dirty.add((es.namespace, es.service_name))
 
-    mtu_by_vip = dict(config.mtu)
-    out: list[VirtualService] = []
-    for entry in config.entries:
-        for protocol in entry.protocols:
-            vs = _virtual_service(entry, protocol, mtu_by_vip, by_service, slices, eligible, skips)
-            if vs is not None:
-                out.append(vs)
-    out.sort(key=VirtualService.sort_key)
-    return ClusterState(
-        generation=generation,
-        vips=config.vips(),
-        services=tuple(out),
-        nodes=tuple(statuses),
-        skipped=tuple(skips),
-    )
+    def _remove_slice(self, es: EndpointSlice) -> None:
+        self._slices.pop((es.namespace, es.name), None)
+        if es.service_name is not None:
+            ref = (es.namespace, es.service_name)
+            self._slices_of.get(ref, {}).pop(es.name, None)
+            self._dirty.add(ref)
+
+    def _recompute(self) -> None:
+        if self._all_dirty:
+            self._statuses.clear()  # the config's labels decide eligibility
+            self._eligible.clear()
+            for node in self._nodes.values():
+                self._set_status(node)
+            self._results = {}
+            todo: Iterable[tuple[PortConfig, Protocol]] = self._order
+        else:
+            todo = [item for ref in self._dirty for item in self._entries_of.get(ref, ())]
+        for entry, protocol in todo:
+            ref = (entry.namespace, entry.service)
+            skips: list[Skip] = []
+            vs = _virtual_service(entry, protocol, self._mtu, self._services.get(ref),
+                                  self._slices_of.get(ref, {}).values(), self._eligible, skips)
+            key = (entry.vip, entry.port, protocol)
+            previous = self._results.get(key)
+            if previous is not None and previous.vs == vs:
+                digest = previous.digest
+            else:
+                digest = service_digest(vs) if vs is not None and self._track_digests else None
+            self._results[key] = _Result(vs, tuple(skips), digest)
+        self._all_dirty = False
+        self._dirty.clear()
 
 
 def _virtual_service(
     entry: PortConfig,
     protocol: Protocol,
     mtu_by_vip: dict[str, int],
-    by_service: dict[tuple[str, str], Service],
-    slices: dict[tuple[str, str], list[EndpointSlice]],
+    service: Service | None,
+    slices: Iterable[EndpointSlice],
     eligible: dict[str, _Eligible],
     skips: list[Skip],
 ) -> VirtualService | None:
     family = entry.family
     subject = f"{hostport(entry.vip, entry.port)}/{protocol}"
     ref = f"{entry.namespace}/{entry.service}"
-    service = by_service.get((entry.namespace, entry.service))
     if service is None:
         skips.append(Skip(subject, f"service {ref} not found"))
         return None
@@ -172,7 +329,7 @@ def _virtual_service(
     per_node: dict[str, set[tuple[str, int]]] = defaultdict(set)
     unready = 0
     off_nodes: dict[str, int] = defaultdict(int)  # node (or "no node") -> ready endpoints left out
-    for es in slices.get((entry.namespace, entry.service), ()):
+    for es in slices:
         if es.family != family:
             continue
         port = _slice_port(es, port_name, protocol)

@@ -9,35 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kube2ipvs.model import ClusterState, VirtualService
+from kube2ipvs.model import ClusterState, node_status_to_dict, service_to_dict
 
 SCHEMA_VERSION = 1
-
-
-def service_to_dict(vs: VirtualService) -> dict[str, Any]:
-    return {
-        "vip": vs.vip,
-        "port": vs.port,
-        "protocol": vs.protocol,
-        "service": {"namespace": vs.namespace, "name": vs.service, "portName": vs.port_name},
-        "ipvs": {
-            "scheduler": vs.scheduler,
-            "forwarding": vs.forwarding,
-            "uThreshold": vs.u_threshold,
-            "lThreshold": vs.l_threshold,
-            "flags": list(vs.flags),
-        },
-        "mtu": vs.mtu,
-        "backends": [
-            {
-                "node": b.node,
-                "address": b.address,
-                "weight": b.weight,
-                "endpoints": [{"address": e.address, "port": e.port} for e in b.endpoints],
-            }
-            for b in vs.backends
-        ],
-    }
 
 
 def state_to_dict(state: ClusterState, *, node: str | None = None) -> dict[str, Any]:
@@ -48,10 +22,7 @@ def state_to_dict(state: ClusterState, *, node: str | None = None) -> dict[str, 
         "hash": state.content_hash,
         "vips": list(state.vips),
         "services": [service_to_dict(vs) for vs in services],
-        "nodes": [
-            {"name": n.name, "addresses": list(n.addresses), "eligible": n.eligible, "reason": n.reason}
-            for n in state.nodes
-        ],
+        "nodes": [node_status_to_dict(n) for n in state.nodes],
         "skipped": [{"subject": s.subject, "reason": s.reason} for s in state.skipped],
     }
     if node is not None:
