@@ -1,0 +1,163 @@
+"""The NATS KV protocol, without a server: encoding, minimal writes, and consumers' consistency rule."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kube2ipvs.model import ClusterState, PodEndpoint
+from kube2ipvs.normalize import normalize
+from kube2ipvs.protocol import (
+    META_KEY,
+    Assembler,
+    Encoder,
+    Write,
+    decode_node_slice,
+    encode_state,
+    plan_writes,
+    service_key,
+)
+from tests.conftest import realistic_state
+from tests.test_render_properties import Cluster, clusters
+
+
+def one_more_endpoint(state: ClusterState) -> ClusterState:
+    """node-a gets one more pod of 192.0.2.10:80/tcp."""
+    services = []
+    for vs in state.services:
+        if vs.key == ("192.0.2.10", 80, "tcp"):
+            a = vs.backends[0]
+            grown = replace(a, endpoints=(*a.endpoints, PodEndpoint("10.1.1.99", 8080)))
+            services.append(replace(vs, backends=(grown, *vs.backends[1:])))
+        else:
+            services.append(vs)
+    return replace(state, generation=state.generation + 1, services=tuple(services))
+
+
+def assemble(writes: list[Write]) -> ClusterState | None:
+    a = Assembler()
+    for w in writes:
+        a.update(w.key, w.value)
+    return a.complete()
+
+
+def test_a_late_joiner_assembles_exactly_the_published_state() -> None:
+    state = realistic_state()
+    got = assemble(plan_writes(None, encode_state(state)))
+    assert got == state
+    assert got is not None
+    assert got.content_hash == state.content_hash
+
+
+def test_keys_name_the_service_without_characters_kv_keys_forbid() -> None:
+    assert service_key("192.0.2.10", 8080, "tcp") == "vs.192-0-2-10.8080.tcp"
+    assert service_key("2001:db8::10", 80, "udp") == "vs.2001-db8--10.80.udp"
+
+
+def test_a_one_endpoint_change_writes_one_service_one_node_slice_and_the_manifest() -> None:
+    state = realistic_state()
+    first = encode_state(state)
+    writes = plan_writes(first, encode_state(one_more_endpoint(state)))
+    assert [w.key for w in writes] == ["node.node-a", "vs.192-0-2-10.80.tcp", META_KEY]
+    assert writes[-1].value is not None
+    assert len(writes[-1].value) < 300
+    changed = sum(len(w.value or b"") for w in writes)
+    assert changed < sum(len(v) for v in first.values.values()) / 3
+
+
+def test_an_unchanged_state_writes_nothing_and_a_new_generation_writes_only_the_manifest() -> None:
+    state = realistic_state()
+    first = encode_state(state)
+    assert plan_writes(first, encode_state(state)) == []
+    assert [w.key for w in plan_writes(first, encode_state(replace(state, generation=9)))] == [META_KEY]
+
+
+def test_values_are_written_before_deletions_and_the_manifest_comes_last() -> None:
+    state = realistic_state()
+    fewer = replace(state, services=tuple(vs for vs in state.services if vs.vip != "192.0.2.11"))
+    writes = plan_writes(encode_state(state), encode_state(fewer))
+    kinds = ["put" if w.value is not None else "delete" for w in writes[:-1]]
+    assert kinds == sorted(kinds, key=lambda k: k == "delete")
+    assert "put" in kinds
+    assert writes[-1].key == META_KEY
+    assert {w.key for w in writes if w.value is None} == {"vs.192-0-2-11.70.tcp", "vs.192-0-2-11.443.tcp"}
+
+
+def test_a_consumer_never_sees_a_partial_picture_whatever_order_the_writes_arrive_in() -> None:
+    state = realistic_state()
+    old = encode_state(state)
+    new_state = one_more_endpoint(state)
+    writes = plan_writes(old, encode_state(new_state))
+    for seed in range(30):
+        a = Assembler()
+        for w in plan_writes(None, old):
+            a.update(w.key, w.value)
+        assert a.complete() == state
+        shuffled = list(writes)
+        random.Random(seed).shuffle(shuffled)
+        for w in shuffled:
+            a.update(w.key, w.value)
+            got = a.complete()
+            assert got is None or got.content_hash in (state.content_hash, new_state.content_hash)
+        assert a.complete() == new_state
+
+
+def test_a_stale_value_under_a_new_manifest_is_not_complete() -> None:
+    state = realistic_state()
+    a = Assembler()
+    for w in plan_writes(None, encode_state(state)):
+        a.update(w.key, w.value)
+    newer = encode_state(one_more_endpoint(state))
+    a.update(META_KEY, newer.meta)  # the manifest overtook its values
+    assert a.complete() is None
+    assert a.missing() == []  # same count and digests of vips/nodes: only the hash tells
+    a.update("vs.192-0-2-10.80.tcp", newer.values["vs.192-0-2-10.80.tcp"])
+    assert a.complete() is not None
+
+
+def test_a_value_that_does_not_decode_keeps_the_state_incomplete_and_says_why() -> None:
+    state = realistic_state()
+    a = Assembler()
+    for w in plan_writes(None, encode_state(state)):
+        a.update(w.key, b"{not json" if w.key == "vs.192-0-2-10.80.tcp" else w.value)
+    assert a.complete() is None
+    assert any(m.startswith("vs.192-0-2-10.80.tcp: ") for m in a.missing())
+
+
+def test_a_node_slice_holds_that_nodes_services_with_only_its_backend() -> None:
+    state = realistic_state()
+    encoded = encode_state(state)
+    node_b = decode_node_slice(encoded.values["node.node-b"])
+    assert node_b.node == "node-b"
+    assert node_b.services == state.for_node("node-b")
+    assert node_b.vips == ("192.0.2.10", "192.0.2.11", "192.0.2.12", "2001:db8::10")
+    assert json.loads(encoded.values["node.node-c"])["vips"] == ["192.0.2.10"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(clusters(), min_size=1, max_size=5))
+def test_the_incremental_encoder_always_matches_a_fresh_encoding(history: list[Cluster]) -> None:
+    encoder = Encoder()
+    previous = None
+    for generation, cluster in enumerate(history):
+        state = normalize(*cluster, generation=generation)
+        incremental = encoder.encode(state)
+        fresh = encode_state(state)
+        assert incremental.values == fresh.values
+        a = Assembler()
+        for w in plan_writes(None, incremental):
+            a.update(w.key, w.value)
+        assert a.complete() == state
+        if previous is not None:  # applying the delta to the old bucket gives the new bucket
+            bucket = dict(previous.values)
+            for w in plan_writes(previous, incremental):
+                if w.value is None:
+                    bucket.pop(w.key)
+                else:
+                    bucket[w.key] = w.value
+            assert bucket == dict(fresh.values)
+        previous = incremental
