@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,8 +151,22 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert "usage: kube2ipvs" in proc.stdout
 
 
-@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("role", [r for r in ROLES if r != "watcher"])
 def test_a_role_that_is_not_installed_says_so(role: str) -> None:
     code, _, err = run(role, "--help")
     assert code == 2
     assert f"the {role} role is not installed" in err
+
+
+def test_an_installed_role_is_found_through_its_entry_point() -> None:
+    proc = run_process("watcher", "--help")
+    assert proc.returncode == 0
+    assert "usage: kube2ipvs watcher" in proc.stdout
+    assert "[env KUBE2IPVS_MIN_INTERVAL]" in proc.stdout
+
+
+def test_a_role_rejects_a_bad_environment_setting_in_one_line() -> None:
+    proc = subprocess.run([sys.executable, "-m", "kube2ipvs.cli", "watcher"], capture_output=True, text=True,
+                          timeout=60, check=False, env={**os.environ, "KUBE2IPVS_MAX_REMOVAL_SHARE": "2"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: KUBE2IPVS_MAX_REMOVAL_SHARE='2': '2' is not a share between 0 and 1"

@@ -37,10 +37,10 @@ from kube2ipvs.lbconfig import (
 )
 from kube2ipvs.model import ClusterState, Skip
 from kube2ipvs.normalize import normalize
+from kube2ipvs.render import FORMATS, RenderError, render_format
 
 ROLE_GROUP = "kube2ipvs.roles"
 ROLES = ("watcher", "director", "bgp-speaker", "realserver")
-FORMATS = ("ipvsadm", "nft", "iptables", "bgp", "json", "arp")
 MAX_INPUT_BYTES = 512 * 1024 * 1024
 
 
@@ -131,39 +131,17 @@ def _apply_default_service(config: LBConfig, args: argparse.Namespace) -> LBConf
 
 
 def render(state: ClusterState, args: argparse.Namespace) -> str:
-    fmt: str = args.format
-    if fmt == "ipvsadm":
-        from kube2ipvs.render.ipvsadm import render_ipvsadm
-
-        return render_ipvsadm(state, mode=args.mode)
-    if fmt in ("nft", "iptables"):
-        if args.node is None:
-            raise UsageError(f"--format {fmt} renders one realserver's rules: choose it with --node "
-                             f"(nodes: {', '.join(state.node_names()) or 'none'})")
-        if args.node not in state.node_names():
-            raise UsageError(f"--node {args.node}: no such node (nodes: {', '.join(state.node_names()) or 'none'})")
-        services = state.for_node(args.node)
-        exempt = args.masquerade_exempt if args.masquerade else None
-        if fmt == "nft":
-            from kube2ipvs.render.nft import render_nft
-
-            return render_nft(services, masquerade_exempt=exempt)
-        from kube2ipvs.render.iptables import render_iptables
-
-        return render_iptables(services, masquerade_exempt=exempt)
-    if fmt == "bgp":
-        from kube2ipvs.render.bgp import render_bgp
-
-        return render_bgp(state, nexthop=args.nexthop, nexthop6=args.nexthop6, communities=args.communities)
-    if fmt == "arp":
-        from kube2ipvs.render.arp import render_arp
-
-        return render_arp(state, interface=args.interface)
-    from kube2ipvs.render.json import render_json
-
-    if args.node is not None and args.node not in state.node_names():
-        raise UsageError(f"--node {args.node}: no such node (nodes: {', '.join(state.node_names()) or 'none'})")
-    return render_json(state, node=args.node)
+    try:
+        return render_format(
+            state, args.format, node=args.node, mode=args.mode, nexthop=args.nexthop, nexthop6=args.nexthop6,
+            communities=args.communities, interface=args.interface,
+            masquerade_exempt=args.masquerade_exempt if args.masquerade else None,
+        )
+    except RenderError as exc:
+        if exc.problem == "node required":
+            raise UsageError(f"--format {exc.fmt} renders one realserver's rules: choose it with --node "
+                             f"(nodes: {exc.nodes})") from None
+        raise UsageError(f"--node {exc.node}: no such node (nodes: {exc.nodes})") from None
 
 
 def cmd_rules(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

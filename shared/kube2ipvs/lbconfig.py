@@ -698,11 +698,22 @@ class RemovalCheck:
         )
 
 
-def removal_check(in_force: LBConfig | None, new: LBConfig, *, max_share: float = 0.5) -> RemovalCheck:
-    """Would `new` remove more than `max_share` of the VIP:port/protocols `in_force` serves?"""
+def removal_check(
+    in_force: LBConfig | frozenset[tuple[str, int, Protocol]] | None, new: LBConfig, *, max_share: float = 0.5
+) -> RemovalCheck:
+    """Would `new` remove more than `max_share` of the VIP:port/protocols `in_force` serves?
+
+    `in_force` is the config applied before, or the (vip, port, protocol) keys of the published
+    state when the config behind it is not known (a watcher that just started).
+    """
     if not 0.0 <= max_share <= 1.0:
         raise ValueError(f"max_share {max_share} is outside 0..1")
-    old = in_force.enabled_keys() if in_force is not None else frozenset()
+    if in_force is None:
+        old: frozenset[tuple[str, int, Protocol]] = frozenset()
+    elif isinstance(in_force, LBConfig):
+        old = in_force.enabled_keys()
+    else:
+        old = in_force
     removed = old - new.enabled_keys()
     ordered = sorted(removed, key=lambda k: (*address_sort_key(k[0]), k[1], k[2]))
     return RemovalCheck(removed=tuple(ordered), in_force=len(old), max_share=max_share)

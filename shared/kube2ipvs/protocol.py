@@ -91,6 +91,30 @@ def plan_writes(previous: Encoded | None, new: Encoded) -> list[Write]:
     return [*puts, *deletes, Write(META_KEY, new.meta)]
 
 
+def restamp(encoded: Encoded, generation: int) -> Encoded:
+    """The same state under another generation number (only the manifest changes)."""
+    meta = json.loads(encoded.meta)
+    meta["generation"] = generation
+    value = compact_json(meta)
+    return Encoded(values={**encoded.values, META_KEY: value}, digests={**encoded.digests, META_KEY: digest(value)})
+
+
+def same_content(previous: Encoded | None, new: Encoded) -> bool:
+    """True when `new` differs from `previous` at most in its generation number."""
+    if previous is None or META_KEY not in previous.values:
+        return False
+    if any(previous.digests.get(k) != d for k, d in new.digests.items() if k != META_KEY):
+        return False
+    if len(previous.digests) != len(new.digests):
+        return False
+    try:
+        old, fresh = decode_meta(previous.meta), decode_meta(new.meta)
+    except ProtocolError:
+        return False
+    return (old.hash, old.services, old.vips_digest, old.nodes_digest) == \
+        (fresh.hash, fresh.services, fresh.vips_digest, fresh.nodes_digest)
+
+
 def encoded_from_values(values: Mapping[str, bytes]) -> Encoded:
     """What is in the bucket now, as an Encoded (a new leader diffs against it)."""
     return Encoded(values=dict(values), digests={k: digest(v) for k, v in values.items()})

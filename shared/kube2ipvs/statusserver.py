@@ -1,0 +1,98 @@
+"""`/healthz`, `/config` and `/metrics` for every role, served from the role's own event loop.
+
+The only module of `shared` that imports aiohttp. Handlers call back into the role for their
+content, so a request never blocks the loop for longer than those callbacks take. `stop()`
+closes the listener and waits for in-flight requests (aiohttp's AppRunner cleanup).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    ok: bool
+    reason: str = ""  # why not ok: "config rejected: ...", "nats disconnected since ..."
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigResponse:
+    status: int
+    content_type: str
+    body: str
+
+
+class ConfigRequestError(ValueError):
+    """A /config request the role cannot answer (bad ?format=): 400 with this message."""
+
+
+ConfigHandler = Callable[[Mapping[str, str]], Awaitable[ConfigResponse] | ConfigResponse]
+
+
+def json_response(doc: object, status: int = 200) -> ConfigResponse:
+    return ConfigResponse(status, "application/json", json.dumps(doc, indent=2) + "\n")
+
+
+def text_response(text: str, status: int = 200) -> ConfigResponse:
+    return ConfigResponse(status, "text/plain", text)
+
+
+class StatusServer:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        health: Callable[[], Health],
+        config: ConfigHandler,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._host, self._port = host, port
+        self._health, self._config, self._registry = health, config, registry
+        self._runner: web.AppRunner | None = None
+        self.port = port
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._on_healthz)
+        app.router.add_get("/config", self._on_config)
+        app.router.add_get("/metrics", self._on_metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        await site.start()
+        self._runner = runner
+        server = site._server  # aiohttp keeps the bound socket here; needed for port 0
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _on_healthz(self, _request: web.Request) -> web.Response:
+        h = self._health()
+        body = {"ok": h.ok, **({"reason": h.reason} if h.reason else {}), **h.detail}
+        return web.json_response(body, status=200 if h.ok else 503, dumps=lambda d: json.dumps(d, indent=2))
+
+    async def _on_config(self, request: web.Request) -> web.Response:
+        try:
+            result = self._config(dict(request.query))
+            response = await result if isinstance(result, Awaitable) else result
+        except ConfigRequestError as exc:
+            response = text_response(f"{exc}\n", 400)
+        return web.Response(status=response.status, text=response.body, content_type=response.content_type)
+
+    async def _on_metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
