@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import replace
 
@@ -15,9 +14,11 @@ from kube2ipvs.protocol import (
     META_KEY,
     Assembler,
     Encoder,
+    NodeSliceAssembler,
     Write,
-    decode_node_slice,
     encode_state,
+    node_prefix,
+    node_service_key,
     plan_writes,
     service_key,
 )
@@ -62,11 +63,11 @@ def test_a_one_endpoint_change_writes_one_service_one_node_slice_and_the_manifes
     state = realistic_state()
     first = encode_state(state)
     writes = plan_writes(first, encode_state(one_more_endpoint(state)))
-    assert [w.key for w in writes] == ["node.node-a", "vs.192-0-2-10.80.tcp", META_KEY]
+    assert [w.key for w in writes] == ["node.node-a.192-0-2-10.80.tcp", "vs.192-0-2-10.80.tcp", META_KEY]
     assert writes[-1].value is not None
     assert len(writes[-1].value) < 300
     changed = sum(len(w.value or b"") for w in writes)
-    assert changed < sum(len(v) for v in first.values.values()) / 3
+    assert changed < sum(len(v) for v in first.values.values()) / 5
 
 
 def test_an_unchanged_state_writes_nothing_and_a_new_generation_writes_only_the_manifest() -> None:
@@ -78,13 +79,17 @@ def test_an_unchanged_state_writes_nothing_and_a_new_generation_writes_only_the_
 
 def test_values_are_written_before_deletions_and_the_manifest_comes_last() -> None:
     state = realistic_state()
-    fewer = replace(state, services=tuple(vs for vs in state.services if vs.vip != "192.0.2.11"))
+    grown = one_more_endpoint(state)
+    fewer = replace(grown, services=tuple(vs for vs in grown.services if vs.vip != "192.0.2.11"))
     writes = plan_writes(encode_state(state), encode_state(fewer))
     kinds = ["put" if w.value is not None else "delete" for w in writes[:-1]]
     assert kinds == sorted(kinds, key=lambda k: k == "delete")
     assert "put" in kinds
     assert writes[-1].key == META_KEY
-    assert {w.key for w in writes if w.value is None} == {"vs.192-0-2-11.70.tcp", "vs.192-0-2-11.443.tcp"}
+    assert {w.key for w in writes if w.value is None} == {
+        "vs.192-0-2-11.70.tcp", "vs.192-0-2-11.443.tcp",
+        "node.node-a.192-0-2-11.70.tcp", "node.node-b.192-0-2-11.70.tcp",
+        "node.node-a.192-0-2-11.443.tcp", "node.node-b.192-0-2-11.443.tcp"}
 
 
 def test_a_consumer_never_sees_a_partial_picture_whatever_order_the_writes_arrive_in() -> None:
@@ -128,14 +133,32 @@ def test_a_value_that_does_not_decode_keeps_the_state_incomplete_and_says_why() 
     assert any(m.startswith("vs.192-0-2-10.80.tcp: ") for m in a.missing())
 
 
-def test_a_node_slice_holds_that_nodes_services_with_only_its_backend() -> None:
+def test_a_node_sees_its_services_with_only_its_backend() -> None:
     state = realistic_state()
     encoded = encode_state(state)
-    node_b = decode_node_slice(encoded.values["node.node-b"])
-    assert node_b.node == "node-b"
-    assert node_b.services == state.for_node("node-b")
-    assert node_b.vips == ("192.0.2.10", "192.0.2.11", "192.0.2.12", "2001:db8::10")
-    assert json.loads(encoded.values["node.node-c"])["vips"] == ["192.0.2.10"]
+    node_b = NodeSliceAssembler("node-b")
+    for key, value in encoded.values.items():
+        node_b.update(key, value)
+    got = node_b.slice()
+    assert got.services == state.for_node("node-b")
+    assert got.vips == ("192.0.2.10", "192.0.2.11", "192.0.2.12", "2001:db8::10")
+    assert sorted(k for k in encoded.values if k.startswith("node.node-c.")) == [
+        "node.node-c.192-0-2-10.80.tcp", "node.node-c.192-0-2-10.8080.tcp"]
+
+
+def test_dotted_node_names_cannot_collide_in_keys() -> None:
+    assert node_prefix("ip-10-0-0-1.ec2.internal") == "node.ip-10-0-0-1_ec2_internal."
+    assert not node_service_key("a.b.c", "192.0.2.1", 80, "tcp").startswith(node_prefix("a.b"))
+
+
+def test_a_node_value_that_does_not_decode_is_dropped_not_applied() -> None:
+    a = NodeSliceAssembler("node-a")
+    key = node_service_key("node-a", "192.0.2.10", 80, "tcp")
+    a.update(key, encode_state(realistic_state()).values[key])
+    assert len(a.slice().services) == 1
+    a.update(key, b"garbage")
+    assert a.slice().services == ()
+    assert key in a.problems
 
 
 @settings(max_examples=60, deadline=None)
@@ -145,9 +168,12 @@ def test_the_incremental_encoder_always_matches_a_fresh_encoding(history: list[C
     previous = None
     for generation, cluster in enumerate(history):
         state = normalize(*cluster, generation=generation)
-        incremental = encoder.encode(state)
+        delta = encoder.update(state)
+        incremental = encoder.snapshot(generation)
         fresh = encode_state(state)
         assert incremental.values == fresh.values
+        if previous is not None:  # the delta is exactly the difference (the manifest aside)
+            assert [*delta.puts, *delta.deletes] == plan_writes(previous, incremental)[:-1]
         a = Assembler()
         for w in plan_writes(None, incremental):
             a.update(w.key, w.value)

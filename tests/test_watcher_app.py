@@ -145,8 +145,8 @@ def test_a_one_endpoint_change_is_published_as_a_small_delta(tmp_path: Path, nat
             publisher = app._publisher
             assert isinstance(publisher, RecordingPublisher)
             # The slice feeds web's two ports; node-a hosts the new pod. Nothing else is rewritten.
-            assert publisher.batches[-1] == ["node.node-a", "vs.192-0-2-10.80.tcp", "vs.192-0-2-10.8080.tcp",
-                                             "state.meta"]
+            assert publisher.batches[-1] == ["node.node-a.192-0-2-10.80.tcp", "node.node-a.192-0-2-10.8080.tcp",
+                                             "vs.192-0-2-10.80.tcp", "vs.192-0-2-10.8080.tcp", "state.meta"]
             got = await bucket_state(nats_server.url)
             assert got is not None
             web80 = next(vs for vs in got.services if vs.key == ("192.0.2.10", 80, "tcp"))

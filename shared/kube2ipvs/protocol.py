@@ -2,30 +2,33 @@
 
 The watcher writes one bucket; consumers watch it. Keys:
 
-    state.meta                  manifest: version, generation, content hash, count of services,
-                                digests of state.vips and state.nodes
-    state.vips                  every configured VIP (JSON list)
-    state.nodes                 every node's eligibility (for /config and operators)
-    vs.<vip>.<port>.<proto>     one virtual service with all its backends (directors)
-    node.<name>                 one node's slice: its VIPs and the services with endpoints on it,
-                                each with only that node's backend (realservers)
+    state.meta                        manifest: version, generation, content hash, number of
+                                      services, digests of state.vips and state.nodes
+    state.vips                        every configured VIP (JSON list)
+    state.nodes                       every node's eligibility (for /config and operators)
+    vs.<vip>.<port>.<proto>           one virtual service with all its backends (directors)
+    node.<node>.<vip>.<port>.<proto>  that service as one node sees it: only its own backend
+                                      (realservers watch `node.<node>.>`)
+
+In keys, '.' and ':' of addresses become '-', and '.' of node names becomes '_' (node names are
+DNS names, which never hold '_'), so every key splits into its tokens unambiguously.
 
 The content hash is sha256 over `state.vips` and the digest of every `vs.` value in service
-order, so a consumer that holds values whose hash equals the manifest's holds exactly the
+order, so a director that holds values whose hash equals the manifest's holds exactly the
 published state; until then it keeps what it applied before. Writes go changed values first,
-deletions second, the manifest last, so consumers converge the moment the manifest arrives.
-A one-endpoint change rewrites one `vs.` value, the `node.` values of the nodes involved and a
-manifest of about 200 bytes: bytes in proportion to the change.
+deletions second, the manifest last. A realserver's keys are independent of each other: each is
+one complete service, applied as it comes. A one-endpoint change rewrites one `vs.` value, the
+`node.` value of each node whose backend changed, and a manifest of about 200 bytes.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from kube2ipvs.lbconfig import Forwarding, Protocol, address_sort_key
+from kube2ipvs.lbconfig import Forwarding, Protocol
 from kube2ipvs.model import (
     Backend,
     ClusterState,
@@ -36,7 +39,6 @@ from kube2ipvs.model import (
     content_hash,
     digest,
     node_status_to_dict,
-    service_to_dict,
     service_value,
     vips_value,
 )
@@ -53,13 +55,22 @@ class ProtocolError(ValueError):
     """A value in the bucket does not follow this protocol version (consumers skip it and say why)."""
 
 
+def _service_token(vip: str, port: int, protocol: str) -> str:
+    return f"{vip.replace('.', '-').replace(':', '-')}.{port}.{protocol}"
+
+
 def service_key(vip: str, port: int, protocol: str) -> str:
-    """`vs.192-0-2-10.8080.tcp`, `vs.2001-db8--10.80.tcp`: KV keys allow no ':' and '.' separates tokens."""
-    return f"{SERVICE_PREFIX}{vip.replace('.', '-').replace(':', '-')}.{port}.{protocol}"
+    """`vs.192-0-2-10.8080.tcp`, `vs.2001-db8--10.80.tcp`."""
+    return SERVICE_PREFIX + _service_token(vip, port, protocol)
 
 
-def node_key(node: str) -> str:
-    return f"{NODE_PREFIX}{node}"
+def node_prefix(node: str) -> str:
+    """`node.ip-10-0-0-1_ec2_internal.`: every key of one node's services starts with it."""
+    return f"{NODE_PREFIX}{node.replace('.', '_')}."
+
+
+def node_service_key(node: str, vip: str, port: int, protocol: str) -> str:
+    return node_prefix(node) + _service_token(vip, port, protocol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,21 +102,16 @@ def plan_writes(previous: Encoded | None, new: Encoded) -> list[Write]:
     return [*puts, *deletes, Write(META_KEY, new.meta)]
 
 
-def restamp(encoded: Encoded, generation: int) -> Encoded:
-    """The same state under another generation number (only the manifest changes)."""
-    meta = json.loads(encoded.meta)
-    meta["generation"] = generation
-    value = compact_json(meta)
-    return Encoded(values={**encoded.values, META_KEY: value}, digests={**encoded.digests, META_KEY: digest(value)})
+def encoded_from_values(values: Mapping[str, bytes]) -> Encoded:
+    """What is in the bucket now, as an Encoded (to diff against after a restart or a reconnect)."""
+    return Encoded(values=dict(values), digests={k: digest(v) for k, v in values.items()})
 
 
 def same_content(previous: Encoded | None, new: Encoded) -> bool:
     """True when `new` differs from `previous` at most in its generation number."""
-    if previous is None or META_KEY not in previous.values:
+    if previous is None or META_KEY not in previous.values or len(previous.digests) != len(new.digests):
         return False
     if any(previous.digests.get(k) != d for k, d in new.digests.items() if k != META_KEY):
-        return False
-    if len(previous.digests) != len(new.digests):
         return False
     try:
         old, fresh = decode_meta(previous.meta), decode_meta(new.meta)
@@ -115,95 +121,119 @@ def same_content(previous: Encoded | None, new: Encoded) -> bool:
         (fresh.hash, fresh.services, fresh.vips_digest, fresh.nodes_digest)
 
 
-def encoded_from_values(values: Mapping[str, bytes]) -> Encoded:
-    """What is in the bucket now, as an Encoded (a new leader diffs against it)."""
-    return Encoded(values=dict(values), digests={k: digest(v) for k, v in values.items()})
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What changed between two successive `Encoder.update` calls (the manifest aside)."""
 
+    puts: tuple[Write, ...]  # sorted by key
+    deletes: tuple[Write, ...]  # sorted by key
 
-def _node_slice_value(node: str, services: Iterable[VirtualService]) -> bytes:
-    mine = list(services)
-    vips = sorted({vs.vip for vs in mine}, key=address_sort_key)
-    return compact_json({"version": VERSION, "node": node, "vips": vips,
-                         "services": [service_to_dict(vs) for vs in mine]})
+    def __bool__(self) -> bool:
+        return bool(self.puts or self.deletes)
+
+    def writes(self, meta: bytes) -> list[Write]:
+        return [*self.puts, *self.deletes, Write(META_KEY, meta)]
 
 
 class Encoder:
-    """Encodes successive states, re-encoding only what changed since the previous one.
+    """Keeps the encoding of the newest state and says what each new state changed in it.
 
-    Service values are reused while their digest is unchanged, and a node's slice is rebuilt
-    only when a service with a backend on that node (before or after) changed.
+    `update()` costs one digest comparison per service plus the encoding of what changed: a
+    service value is re-encoded only when its digest changed, and a node's value of a service only
+    when that node's backend in it changed. `snapshot()` copies the whole encoding (for the rare
+    full comparison against what a bucket holds).
     """
 
     def __init__(self) -> None:
-        self._services: dict[str, tuple[str, bytes, VirtualService]] = {}  # key -> (digest, value, vs)
-        self._on_node: dict[str, dict[str, Backend]] = {}  # node -> service key -> its backend there
-        self._node_values: dict[str, bytes] = {}
-        self._nodes_value: tuple[tuple[NodeStatus, ...], bytes] | None = None
+        self._services: dict[str, tuple[str, VirtualService]] = {}  # vs key -> (digest, vs)
+        self._values: dict[str, bytes] = {}
+        self._digests: dict[str, str] = {}
+        self._nodes: tuple[NodeStatus, ...] | None = None
+        self._hash = ""
+        self._count = 0
 
-    def encode(self, state: ClusterState) -> Encoded:
-        new_services: dict[str, tuple[str, bytes, VirtualService]] = {}
-        touched: set[str] = set()
+    def update(self, state: ClusterState) -> Delta:
+        changed: dict[str, bytes | None] = {}
+        seen: set[str] = set()
         for vs, vs_digest in zip(state.services, state.service_digests, strict=True):
             key = service_key(vs.vip, vs.port, vs.protocol)
+            seen.add(key)
             old = self._services.get(key)
             if old is not None and old[0] == vs_digest:
-                new_services[key] = old
                 continue
-            new_services[key] = (vs_digest, service_value(vs), vs)
-            if old is not None:
-                self._unindex(key, old[2], touched)
-            self._index(key, vs, touched)
-        for key, old in self._services.items():
-            if key not in new_services:
-                self._unindex(key, old[2], touched)
-        self._services = new_services
-
-        order = {key: i for i, key in enumerate(new_services)}
-        for node in touched:
-            backends = self._on_node.get(node)
-            if not backends:
-                self._on_node.pop(node, None)
-                self._node_values.pop(node, None)
-                continue
-            keys = sorted(backends, key=order.__getitem__)
-            self._node_values[node] = _node_slice_value(
-                node, (replace(new_services[k][2], backends=(backends[k],)) for k in keys))
+            self._services[key] = (vs_digest, vs)
+            changed[key] = service_value(vs)
+            self._node_values(old[1] if old is not None else None, vs, changed)
+        for key in [k for k in self._services if k not in seen]:
+            _digest, vs = self._services.pop(key)
+            changed[key] = None
+            self._node_values(vs, None, changed)
 
         vips = vips_value(state.vips)
-        if self._nodes_value is None or self._nodes_value[0] != state.nodes:
-            self._nodes_value = (state.nodes, compact_json([node_status_to_dict(n) for n in state.nodes]))
-        nodes = self._nodes_value[1]
+        changed[VIPS_KEY] = vips
+        if self._nodes != state.nodes:
+            self._nodes = state.nodes
+            changed[NODES_KEY] = compact_json([node_status_to_dict(n) for n in state.nodes])
 
-        values: dict[str, bytes] = {VIPS_KEY: vips, NODES_KEY: nodes}
-        digests: dict[str, str] = {VIPS_KEY: digest(vips), NODES_KEY: digest(nodes)}
-        for key, (vs_digest, value, _vs) in new_services.items():
-            values[key] = value
-            digests[key] = vs_digest
-        for node, value in self._node_values.items():
-            values[node_key(node)] = value
-            digests[node_key(node)] = digest(value)
-        meta = compact_json({
-            "version": VERSION, "generation": state.generation,
-            "hash": content_hash(vips, (d for d, _v, _s in new_services.values())),
-            "services": len(new_services), "vips": digests[VIPS_KEY], "nodes": digests[NODES_KEY],
+        puts: list[Write] = []
+        deletes: list[Write] = []
+        for key in sorted(changed):
+            value = changed[key]
+            if value is None:
+                if self._values.pop(key, None) is not None:
+                    self._digests.pop(key, None)
+                    deletes.append(Write(key, None))
+                continue
+            value_digest = digest(value)
+            if self._digests.get(key) != value_digest:
+                self._values[key] = value
+                self._digests[key] = value_digest
+                puts.append(Write(key, value))
+        self._hash = state.content_hash
+        self._count = len(state.services)
+        return Delta(puts=tuple(puts), deletes=tuple(deletes))
+
+    @staticmethod
+    def _node_values(old: VirtualService | None, new: VirtualService | None, out: dict[str, bytes | None]) -> None:
+        before = {b.node: b for b in old.backends} if old is not None else {}
+        after = {b.node: b for b in new.backends} if new is not None else {}
+        ref = new or old
+        assert ref is not None
+        for node in before.keys() | after.keys():
+            backend = after.get(node)
+            if backend is not None and before.get(node) == backend and old is not None and new is not None \
+                    and _same_but_backends(old, new):
+                continue  # this node's view of the service did not change
+            key = node_service_key(node, ref.vip, ref.port, ref.protocol)
+            out[key] = None if backend is None or new is None else service_value(replace(new, backends=(backend,)))
+
+    def meta(self, generation: int) -> bytes:
+        return compact_json({
+            "version": VERSION, "generation": generation, "hash": self._hash, "services": self._count,
+            "vips": self._digests.get(VIPS_KEY, ""), "nodes": self._digests.get(NODES_KEY, ""),
         })
-        values[META_KEY] = meta
-        digests[META_KEY] = digest(meta)
-        return Encoded(values=values, digests=digests)
 
-    def _index(self, key: str, vs: VirtualService, touched: set[str]) -> None:
-        for b in vs.backends:
-            self._on_node.setdefault(b.node, {})[key] = b
-            touched.add(b.node)
+    def snapshot(self, generation: int) -> Encoded:
+        meta = self.meta(generation)
+        return Encoded(values={**self._values, META_KEY: meta}, digests={**self._digests, META_KEY: digest(meta)})
 
-    def _unindex(self, key: str, vs: VirtualService, touched: set[str]) -> None:
-        for b in vs.backends:
-            self._on_node.get(b.node, {}).pop(key, None)
-            touched.add(b.node)
+
+def _same_but_backends(a: VirtualService, b: VirtualService) -> bool:
+    return replace(a, backends=()) == replace(b, backends=())
 
 
 def encode_state(state: ClusterState) -> Encoded:
-    return Encoder().encode(state)
+    encoder = Encoder()
+    encoder.update(state)
+    return encoder.snapshot(state.generation)
+
+
+def restamp(encoded: Encoded, generation: int) -> Encoded:
+    """The same state under another generation number (only the manifest changes)."""
+    meta = json.loads(encoded.meta)
+    meta["generation"] = generation
+    value = compact_json(meta)
+    return Encoded(values={**encoded.values, META_KEY: value}, digests={**encoded.digests, META_KEY: digest(value)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,17 +328,40 @@ def decode_nodes(data: bytes) -> tuple[NodeStatus, ...]:
 @dataclass(frozen=True, slots=True)
 class NodeSlice:
     node: str
-    vips: tuple[str, ...]
-    services: tuple[VirtualService, ...]
+    vips: tuple[str, ...]  # the VIPs of its services: what the realserver holds on lo
+    services: tuple[VirtualService, ...]  # sorted; each with only this node's backend
 
 
-def decode_node_slice(data: bytes) -> NodeSlice:
-    doc = _load_object(data, NODE_PREFIX + "*")
-    return NodeSlice(
-        node=_get(doc, "node", str),
-        vips=tuple(str(v) for v in _get(doc, "vips", list)),
-        services=tuple(decode_service(s) for s in _get(doc, "services", list)),
-    )
+def decode_node_service(data: bytes) -> VirtualService:
+    return decode_service(_load_object(data, NODE_PREFIX + "*"))
+
+
+class NodeSliceAssembler:
+    """One node's services from its `node.<node>.*` keys; every key is complete on its own."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.prefix = node_prefix(node)
+        self._services: dict[str, VirtualService] = {}
+        self.problems: dict[str, str] = {}
+
+    def update(self, key: str, value: bytes | None) -> None:
+        if not key.startswith(self.prefix):
+            return
+        self.problems.pop(key, None)
+        if value is None:
+            self._services.pop(key, None)
+            return
+        try:
+            self._services[key] = decode_node_service(value)
+        except ProtocolError as exc:
+            self._services.pop(key, None)  # never DNAT by a value we could not read
+            self.problems[key] = str(exc)
+
+    def slice(self) -> NodeSlice:
+        services = tuple(sorted(self._services.values(), key=VirtualService.sort_key))
+        vips = tuple(dict.fromkeys(vs.vip for vs in services))
+        return NodeSlice(node=self.node, vips=vips, services=services)
 
 
 class Assembler:

@@ -33,7 +33,6 @@ from kube2ipvs.protocol import (
     decode_service,
     encoded_from_values,
     plan_writes,
-    restamp,
     same_content,
 )
 from kube2ipvs.render import FORMATS, RenderError, render_format
@@ -102,8 +101,6 @@ class Metrics:
         self.generation = Gauge(p + "generation", "Generation of the state last published", registry=registry)
         self.services = Gauge(p + "state_services", "Virtual services in the desired state", registry=registry)
         self.endpoints = Gauge(p + "state_endpoints", "Pod endpoints in the desired state", registry=registry)
-        self.state_bytes = Gauge(p + "state_bytes", "Bytes of all values of the published state",
-                                 registry=registry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +131,15 @@ class WatcherApp:
         self.settings = settings or AppSettings()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        # Computed when scraped, not on every publish: they walk the whole state.
+        self.metrics.services.set_function(lambda: len(self.last_state.services) if self.last_state else 0)
+        self.metrics.endpoints.set_function(lambda: sum(
+            len(b.endpoints) for vs in self.last_state.services for b in vs.backends) if self.last_state else 0)
         self._describe = describe or {}
         self._queue: asyncio.Queue[SourceItem] = asyncio.Queue()
         self._kick = asyncio.Event()
         self._encoder = Encoder()
-        self._published: Encoded | None = None  # what the bucket holds, as far as we know
+        self._in_sync = False  # the bucket holds exactly what the encoder last produced
         self._generation = 0
         self.last_state: ClusterState | None = None  # last state published (or found published)
         self.last_publish_at: float | None = None
@@ -157,7 +158,7 @@ class WatcherApp:
         Called from the NATS client's callback, in this event loop.
         """
         self._epoch += 1
-        self._published = None
+        self._in_sync = False
         self.core.changed = True
         self._kick.set()
 
@@ -186,14 +187,14 @@ class WatcherApp:
         delay = 0.1
         while True:
             try:
-                self._published = encoded_from_values(await self._publisher.read_all())
+                bucket = encoded_from_values(await self._publisher.read_all())
                 break
             except Exception as exc:
                 log.warning("event=baseline-read-failed error=%r retry_in=%.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max)
-        self._generation = self._published_generation(self._published)
-        self.core.set_in_force_keys(_service_keys(self._published))
+        self._generation = self._published_generation(bucket)
+        self.core.set_in_force_keys(_service_keys(bucket))
 
     async def _consume(self) -> None:
         await self._load_baseline()
@@ -249,9 +250,9 @@ class WatcherApp:
             leader = self._leadership.is_leader
             self.metrics.leader.set(1 if leader else 0)
             if leader and not self._was_leader:
-                self._published = None  # a new leader starts from what the bucket holds
+                self._in_sync = False  # a new leader starts from what the bucket holds
             self._was_leader = leader
-            if not leader or not self.core.ready or (not self.core.changed and self._published is not None):
+            if not leader or not self.core.ready or (not self.core.changed and self._in_sync):
                 continue
             wait = (self.last_publish_at or 0.0) + self.settings.min_interval - time.monotonic()
             if wait > 0:
@@ -264,7 +265,7 @@ class WatcherApp:
                 if self.publish_error is None:
                     self.publish_error_since = time.time()
                 self.publish_error = f"{type(exc).__name__}: {exc}"
-                self._published = None  # re-read the bucket before the next attempt
+                self._in_sync = False  # re-read the bucket before the next attempt
                 log.warning("event=publish-failed error=%s retry_in=%.1fs", self.publish_error, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.retry_max)
@@ -272,37 +273,42 @@ class WatcherApp:
                 self._kick.set()
 
     async def publish_once(self) -> int:
-        """Publish the newest state if it differs from what the bucket holds. Returns bytes written."""
-        if self._published is None:
-            self._published = encoded_from_values(await self._publisher.read_all())
-            self._generation = max(self._generation, self._published_generation(self._published))
+        """Publish the newest state if it differs from what the bucket holds. Returns bytes written.
+
+        In sync (the bucket holds what we last published), only the encoder's delta is written.
+        Otherwise (start, new leader, failure, reconnect) the bucket is read and compared in full.
+        """
         started = self.pending_since
         epoch = self._epoch
         state = self.core.state(generation=self._generation)
-        encoded = self._encoder.encode(state)
-        written = 0
-        if not same_content(self._published, encoded):
+        delta = self._encoder.update(state)
+        writes: list[Write] = []
+        if not self._in_sync:
+            bucket = encoded_from_values(await self._publisher.read_all())
+            self._generation = max(self._generation, self._published_generation(bucket))
+            if not same_content(bucket, self._encoder.snapshot(self._generation)):
+                self._generation += 1
+                writes = plan_writes(bucket, self._encoder.snapshot(self._generation))
+        elif delta:
             self._generation += 1
-            encoded = restamp(encoded, self._generation)
-            writes = plan_writes(self._published, encoded)
+            writes = delta.writes(self._encoder.meta(self._generation))
+        written = 0
+        if writes:
+            self._in_sync = False  # until the writes are acknowledged
             written = await self._publisher.publish(writes)
-            # A reconnect during the publish may have lost values written before it: check again.
-            self._published = encoded if epoch == self._epoch else None
             self.metrics.publishes.inc()
             self.metrics.publish_bytes.inc(written)
             log.info("event=published generation=%d hash=%s writes=%d bytes=%d", self._generation,
                      state.content_hash, len(writes), written)
+        # A reconnect meanwhile may have lost values written before it: then compare again.
+        self._in_sync = epoch == self._epoch
         self.last_state = replace(state, generation=self._generation, known_digests=state.service_digests)
-        state = self.last_state
         self.last_publish_at = time.monotonic()
         if started is not None:
             self.metrics.publish_seconds.observe(self.last_publish_at - started)
         self.pending_since = None
         self.publish_error = self.publish_error_since = None
         self.metrics.generation.set(self._generation)
-        self.metrics.services.set(len(state.services))
-        self.metrics.endpoints.set(sum(len(b.endpoints) for vs in state.services for b in vs.backends))
-        self.metrics.state_bytes.set(sum(len(v) for v in encoded.values.values()))
         self.published_event.set()
         return written
 
