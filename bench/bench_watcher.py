@@ -144,8 +144,10 @@ def main() -> int:
          f"p50 {result['change_to_publish_p50_s'] * 1000:.1f} ms, "
          f"p99 {result['change_to_publish_p99_s'] * 1000:.1f} ms, "
          f"max {result['change_to_publish_max_s'] * 1000:.1f} ms (target p99 < {TARGET_P99 * 1000:.0f} ms)"),
-        ("bytes written per change", f"median {result['change_bytes_median']:.0f}, max {result['change_bytes_max']:.0f}"),
-        ("watcher process max RSS", f"{result['max_rss_bytes'] / 2**20:.0f} MiB (target < {TARGET_RSS / 2**20:.0f} MiB)"),
+        ("bytes written per change",
+         f"median {result['change_bytes_median']:.0f}, max {result['change_bytes_max']:.0f}"),
+        ("watcher process max RSS",
+         f"{result['max_rss_bytes'] / 2**20:.0f} MiB (target < {TARGET_RSS / 2**20:.0f} MiB)"),
     ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
