@@ -1,0 +1,1 @@
+"""Strict in-process fakes of external systems, for tests that cannot run the real thing here."""
