@@ -88,6 +88,9 @@ def test_the_watcher_role_publishes_the_cluster_reports_a_bad_config_and_hands_o
             await eventually(event_recorded)
             (event,) = [e for e in api.events() if e.get("reason") == "ConfigRejected"]
             assert event["involvedObject"]["name"] == "kube2ipvs"
+            configmap = api.get("ConfigMap", "kube2ipvs", namespace="platform-load-balancer")
+            assert configmap is not None
+            assert event["involvedObject"]["uid"] == configmap["metadata"]["uid"]
             assert '"http; flush ruleset" is not a valid Kubernetes port name' in event["message"]
             assert await complete_hash(nats_server.url) == want  # nothing published changed
 

@@ -64,9 +64,9 @@ class Leadership(Protocol):
 
 
 class EventSink(Protocol):
-    async def config_rejected(self, namespace: str, name: str, reason: str) -> None: ...
+    async def config_rejected(self, namespace: str, name: str, reason: str, *, uid: str | None = None) -> None: ...
 
-    async def config_held(self, namespace: str, name: str, reason: str) -> None: ...
+    async def config_held(self, namespace: str, name: str, reason: str, *, uid: str | None = None) -> None: ...
 
 
 class AlwaysLeader:
@@ -222,13 +222,13 @@ class WatcherApp:
             self.metrics.config_rejections.inc()
             log.warning("event=config-rejected reason=%s", notice.reason)
             if self._events is not None:
-                asyncio.get_running_loop().create_task(
-                    self._event(self._events.config_rejected, s.configmap_namespace, s.configmap_name, notice.reason))
+                asyncio.get_running_loop().create_task(self._event(
+                    self._events.config_rejected, s.configmap_namespace, s.configmap_name, notice.reason, notice.uid))
         elif isinstance(notice, ConfigHeld):
             log.warning("event=config-held reason=%s", notice.reason)
             if self._events is not None:
-                asyncio.get_running_loop().create_task(
-                    self._event(self._events.config_held, s.configmap_namespace, s.configmap_name, notice.reason))
+                asyncio.get_running_loop().create_task(self._event(
+                    self._events.config_held, s.configmap_namespace, s.configmap_name, notice.reason, notice.uid))
         else:
             log.info("event=config-accepted entries=%d warnings=%d", notice.entries, len(notice.warnings))
             for warning in notice.warnings:
@@ -236,9 +236,9 @@ class WatcherApp:
         self.metrics.config_held.set(1 if self.core.config_status.held else 0)
         self.metrics.config_rejected.set(1 if self.core.config_status.rejected else 0)
 
-    async def _event(self, call: Any, namespace: str, name: str, reason: str) -> None:
+    async def _event(self, call: Any, namespace: str, name: str, reason: str, uid: str | None) -> None:
         try:
-            await call(namespace, name, reason)
+            await call(namespace, name, reason, uid=uid)
         except Exception as exc:  # an Event is a courtesy; never let it stop the watcher
             log.warning("event=kubernetes-event-failed error=%r", exc)
 

@@ -66,12 +66,14 @@ class ConfigAccepted:
 class ConfigRejected:
     reason: str
     errors: tuple[str, ...]
+    uid: str | None = None  # of the ConfigMap, so its Events show in `kubectl describe`
 
 
 @dataclass(frozen=True, slots=True)
 class ConfigHeld:
     check: RemovalCheck
     token: str
+    uid: str | None = None
 
     @property
     def reason(self) -> str:
@@ -225,7 +227,8 @@ class WatcherCore:
                 text, _key = configmap_value(obj, self.settings.config_key)
                 config = parse_lbconfig(text)
             except ConfigError as exc:
-                rejected = ConfigRejected(reason=exc.summary(), errors=tuple(str(i) for i in exc.issues))
+                rejected = ConfigRejected(reason=exc.summary(), errors=tuple(str(i) for i in exc.issues),
+                                          uid=_uid(obj))
                 if status.rejected is None:
                     status.since = self._clock()
                 status.rejected = rejected
@@ -239,7 +242,7 @@ class WatcherCore:
         token = confirm_token(text)
         annotations = ((obj or {}).get("metadata") or {}).get("annotations") or {}
         if check.exceeds and annotations.get(CONFIRM_ANNOTATION) != token:
-            held = ConfigHeld(check=check, token=token)
+            held = ConfigHeld(check=check, token=token, uid=_uid(obj))
             if status.held is None:
                 status.since = self._clock()
             # Until confirmed, the config in force stays; after a restart, nothing is published at
@@ -255,3 +258,8 @@ class WatcherCore:
         if config != self._normalizer.config:
             self._normalizer.set_config(config)
         return [ConfigAccepted(entries=len(config.entries), warnings=status.warnings)]
+
+
+def _uid(obj: dict[str, Any] | None) -> str | None:
+    uid = ((obj or {}).get("metadata") or {}).get("uid")
+    return uid if isinstance(uid, str) else None
