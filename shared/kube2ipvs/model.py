@@ -150,6 +150,20 @@ class Skip:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class StateDelta:
+    """How a state differs from the one its producer made just before it (lineage, seq - 1).
+
+    `changed` maps each (vip, port, protocol) whose service may differ to (service, digest), or
+    to None when it is gone. Consumers that saw the previous state (an Encoder) can update in
+    proportion to the change; anyone else ignores this and looks at the whole state.
+    """
+
+    lineage: int
+    seq: int
+    changed: Mapping[tuple[str, int, Protocol], tuple[VirtualService, str] | None]
+
+
 @dataclass(frozen=True)
 class ClusterState:
     generation: int
@@ -159,6 +173,7 @@ class ClusterState:
     skipped: tuple[Skip, ...] = field(default=(), compare=False)
     # service_digest() of each service, when the builder already knows them (incremental builds)
     known_digests: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+    delta: StateDelta | None = field(default=None, compare=False, repr=False)
 
     @cached_property
     def service_digests(self) -> tuple[str, ...]:

@@ -9,9 +9,11 @@ skipped. Nothing here raises on odd input: what cannot be used is left out with 
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from kube2ipvs.bulk import gc_paused
 from kube2ipvs.lbconfig import Family, LBConfig, PortConfig, Protocol, address_sort_key
@@ -25,6 +27,7 @@ from kube2ipvs.model import (
     Service,
     Skip,
     SlicePort,
+    StateDelta,
     VirtualService,
     hostport,
     service_digest,
@@ -107,6 +110,7 @@ def normalize(
     return normalizer.state(generation=generation, skipped=skipped)
 
 
+_LINEAGES = itertools.count(1)
 ServiceRef = tuple[str, str]  # (namespace, name)
 ServiceKey = tuple[str, int, Protocol]  # (vip, port, protocol)
 
@@ -140,6 +144,10 @@ class Normalizer:
         self._results: dict[ServiceKey, _Result] = {}
         self._dirty: set[ServiceRef] = set()
         self._all_dirty = True
+        self._node_tuple: tuple[NodeStatus, ...] | None = None  # sorted statuses, until one changes
+        self._lineage = next(_LINEAGES)
+        self._seq = 0
+        self._changed: dict[ServiceKey, tuple[VirtualService, str] | None] | None = None  # None: everything
         self.set_config(config)
 
     @property
@@ -150,8 +158,14 @@ class Normalizer:
 
     def set_config(self, config: LBConfig) -> None:
         self._config = config
+        self._vips = config.vips()
         self._mtu = dict(config.mtu)
         self._order: list[tuple[PortConfig, Protocol]] = [(e, p) for e in config.entries for p in e.protocols]
+        # Per position of `_order` (config order is service order): the service, its digest, its skips.
+        self._position = {(e.vip, e.port, p): i for i, (e, p) in enumerate(self._order)}
+        self._vs_at: list[VirtualService | None] = [None] * len(self._order)
+        self._digest_at: list[str | None] = [None] * len(self._order)
+        self._skips_at: dict[int, tuple[Skip, ...]] = {}
         self._entries_of: dict[ServiceRef, list[tuple[PortConfig, Protocol]]] = defaultdict(list)
         for entry, protocol in self._order:
             self._entries_of[(entry.namespace, entry.service)].append((entry, protocol))
@@ -213,25 +227,25 @@ class Normalizer:
     # -- output ---------------------------------------------------------------------------------
 
     def state(self, *, generation: int = 0, skipped: Sequence[Skip] = ()) -> ClusterState:
+        """The current state; costs one pass at C speed over the services, plus what changed."""
         with gc_paused():
             self._recompute()
-        services: list[VirtualService] = []
-        digests: list[str] = []
-        skips: list[Skip] = list(skipped)
-        for entry, protocol in self._order:
-            result = self._results[(entry.vip, entry.port, protocol)]
-            skips.extend(result.skips)
-            if result.vs is not None:
-                services.append(result.vs)
-                if result.digest is not None:
-                    digests.append(result.digest)
+        if self._node_tuple is None:
+            self._node_tuple = tuple(self._statuses[name] for name in sorted(self._statuses))
+        skips = [*skipped, *chain.from_iterable(self._skips_at[i] for i in sorted(self._skips_at))]
+        self._seq += 1
+        delta = None
+        if self._track_digests and self._changed is not None:
+            delta = StateDelta(self._lineage, self._seq, self._changed)
+        self._changed = {}
         return ClusterState(
             generation=generation,
-            vips=self._config.vips(),
-            services=tuple(services),  # config entries are sorted by VIP and port; tcp before udp
-            nodes=tuple(self._statuses[name] for name in sorted(self._statuses)),
+            vips=self._vips,
+            services=tuple(filter(None, self._vs_at)),  # config entries are sorted by VIP and port; tcp first
+            nodes=self._node_tuple,
             skipped=tuple(skips),
-            known_digests=tuple(digests) if self._track_digests else None,
+            known_digests=tuple(filter(None, self._digest_at)) if self._track_digests else None,
+            delta=delta,
         )
 
     # -- internals ------------------------------------------------------------------------------
@@ -242,6 +256,8 @@ class Normalizer:
 
     def _set_status(self, node: Node) -> None:
         status, eligible = _node_status(node, self._config.labels, self._exclude_cordoned)
+        if self._statuses.get(node.name) != status:
+            self._node_tuple = None
         self._statuses[node.name] = status
         if eligible is None:
             self._eligible.pop(node.name, None)
@@ -254,6 +270,7 @@ class Normalizer:
         if node is None:
             self._statuses.pop(name, None)
             self._eligible.pop(name, None)
+            self._node_tuple = None
         else:
             self._set_status(node)
         if (self._statuses.get(name), self._eligible.get(name)) == before or self._all_dirty:
@@ -280,9 +297,11 @@ class Normalizer:
         if self._all_dirty:
             self._statuses.clear()  # the config's labels decide eligibility
             self._eligible.clear()
+            self._node_tuple = None
             for node in self._nodes.values():
                 self._set_status(node)
             self._results = {}
+            self._changed = None
             todo: Iterable[tuple[PortConfig, Protocol]] = self._order
         else:
             todo = [item for ref in self._dirty for item in self._entries_of.get(ref, ())]
@@ -297,7 +316,16 @@ class Normalizer:
                 digest = previous.digest
             else:
                 digest = service_digest(vs) if vs is not None and self._track_digests else None
+                if self._changed is not None:
+                    self._changed[key] = (vs, digest) if vs is not None and digest is not None else None
             self._results[key] = _Result(vs, tuple(skips), digest)
+            i = self._position[key]
+            self._vs_at[i] = vs
+            self._digest_at[i] = digest
+            if skips:
+                self._skips_at[i] = tuple(skips)
+            else:
+                self._skips_at.pop(i, None)
         self._all_dirty = False
         self._dirty.clear()
 

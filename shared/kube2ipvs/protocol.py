@@ -151,23 +151,25 @@ class Encoder:
         self._nodes: tuple[NodeStatus, ...] | None = None
         self._hash = ""
         self._count = 0
+        self._last: tuple[int, int] | None = None  # (lineage, seq) of the state last encoded
+        self._keys: dict[tuple[str, int, str], str] = {}  # service_key() memo
 
     def update(self, state: ClusterState) -> Delta:
         changed: dict[str, bytes | None] = {}
-        seen: set[str] = set()
-        for vs, vs_digest in zip(state.services, state.service_digests, strict=True):
-            key = service_key(vs.vip, vs.port, vs.protocol)
-            seen.add(key)
-            old = self._services.get(key)
-            if old is not None and old[0] == vs_digest:
-                continue
-            self._services[key] = (vs_digest, vs)
-            changed[key] = service_value(vs)
-            self._node_values(old[1] if old is not None else None, vs, changed)
-        for key in [k for k in self._services if k not in seen]:
-            _digest, vs = self._services.pop(key)
-            changed[key] = None
-            self._node_values(vs, None, changed)
+        d = state.delta
+        if d is not None and self._last == (d.lineage, d.seq - 1):
+            # The direct successor of what we encoded: its delta names every service that may differ.
+            for k, item in d.changed.items():
+                self._service_changed(self._key(k), item, changed)
+        else:
+            seen: set[str] = set()
+            for vs, vs_digest in zip(state.services, state.service_digests, strict=True):
+                key = self._key(vs.key)
+                seen.add(key)
+                self._service_changed(key, (vs, vs_digest), changed)
+            for key in [k for k in self._services if k not in seen]:
+                self._service_changed(key, None, changed)
+        self._last = (d.lineage, d.seq) if d is not None else None
 
         vips = vips_value(state.vips)
         changed[VIPS_KEY] = vips
@@ -192,6 +194,29 @@ class Encoder:
         self._hash = state.content_hash
         self._count = len(state.services)
         return Delta(puts=tuple(puts), deletes=tuple(deletes))
+
+    def _key(self, k: tuple[str, int, str]) -> str:
+        key = self._keys.get(k)
+        if key is None:
+            key = self._keys[k] = service_key(*k)
+        return key
+
+    def _service_changed(
+        self, key: str, item: tuple[VirtualService, str] | None, changed: dict[str, bytes | None]
+    ) -> None:
+        old = self._services.get(key)
+        if item is None:
+            if old is not None:
+                del self._services[key]
+                changed[key] = None
+                self._node_values(old[1], None, changed)
+            return
+        vs, vs_digest = item
+        if old is not None and old[0] == vs_digest:
+            return
+        self._services[key] = (vs_digest, vs)
+        changed[key] = service_value(vs)
+        self._node_values(old[1] if old is not None else None, vs, changed)
 
     @staticmethod
     def _node_values(old: VirtualService | None, new: VirtualService | None, out: dict[str, bytes | None]) -> None:
