@@ -88,7 +88,7 @@ def without_node(state: ClusterState, node: str, generation: int) -> ClusterStat
 
 
 def every_service_changed(state: ClusterState) -> ClusterState:
-    """Each service loses its last backend, so every `vs.` value changes."""
+    """Each service loses its last backend: every `vs.` value with a backend changes."""
     services = tuple(dataclasses.replace(vs, backends=vs.backends[:-1]) for vs in state.services)
     return dataclasses.replace(state, generation=state.generation + 1, services=services)
 

@@ -143,7 +143,9 @@ def test_any_sequence_of_changes_gives_the_same_state_as_normalizing_from_scratc
             assert encoder.snapshot(0).values == encode_state(partial).values
     got = inc.state(generation=3)
     encoder.update(got)
-    assert encoder.snapshot(3).values == encode_state(got).values
+    snapshot = encoder.snapshot(3)
+    assert snapshot.values == encode_state(got).values
+    assert encoder.total_bytes == sum(len(v) for k, v in snapshot.values.items() if k != "state.meta")
     want = normalize(nodes.values(), services.values(), slices.values(), CONFIG, generation=3)
     assert got == want
     assert got.skipped == want.skipped

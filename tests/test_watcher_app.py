@@ -182,7 +182,10 @@ def test_a_bad_config_changes_nothing_published_and_shows_on_healthz(tmp_path: P
                         assert r.status == 503
                         assert body["reason"].startswith('config rejected: config."192.0.2.10"."80".ipvsOptions')
                     async with http.get(f"http://127.0.0.1:{server.port}/metrics") as r:
-                        assert "kube2ipvs_watcher_config_rejections_total 1.0" in await r.text()
+                        metrics = await r.text()
+                        assert "kube2ipvs_watcher_config_rejections_total 1.0" in metrics
+                        assert "kube2ipvs_watcher_state_services 10.0" in metrics
+                        assert "kube2ipvs_watcher_state_bytes 0.0" not in metrics
                     async with http.get(f"http://127.0.0.1:{server.port}/config?format=ipvsadm") as r:
                         assert (await r.text()).startswith("-A -t 192.0.2.10:53 -s wrr\n")
                     async with http.get(f"http://127.0.0.1:{server.port}/config?format=yaml") as r:

@@ -152,6 +152,7 @@ class Encoder:
         self._hash = ""
         self._count = 0
         self._last: tuple[int, int] | None = None  # (lineage, seq) of the state last encoded
+        self.total_bytes = 0  # of every value but the manifest, kept up to date on each change
         self._keys: dict[tuple[str, int, str], str] = {}  # service_key() memo
 
     def update(self, state: ClusterState) -> Delta:
@@ -182,12 +183,14 @@ class Encoder:
         for key in sorted(changed):
             value = changed[key]
             if value is None:
-                if self._values.pop(key, None) is not None:
+                if (gone := self._values.pop(key, None)) is not None:
                     self._digests.pop(key, None)
+                    self.total_bytes -= len(gone)
                     deletes.append(Write(key, None))
                 continue
             value_digest = digest(value)
             if self._digests.get(key) != value_digest:
+                self.total_bytes += len(value) - len(self._values.get(key, b""))
                 self._values[key] = value
                 self._digests[key] = value_digest
                 puts.append(Write(key, value))

@@ -102,6 +102,8 @@ class Metrics:
         self.generation = Gauge(p + "generation", "Generation of the state last published", registry=registry)
         self.services = Gauge(p + "state_services", "Virtual services in the desired state", registry=registry)
         self.endpoints = Gauge(p + "state_endpoints", "Pod endpoints in the desired state", registry=registry)
+        self.state_bytes = Gauge(p + "state_bytes", "Bytes of every value of the state (the bucket's size)",
+                                 registry=registry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,14 +134,15 @@ class WatcherApp:
         self.settings = settings or AppSettings()
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self._encoder = Encoder()
         # Computed when scraped, not on every publish: they walk the whole state.
         self.metrics.services.set_function(lambda: len(self.last_state.services) if self.last_state else 0)
         self.metrics.endpoints.set_function(lambda: sum(
             len(b.endpoints) for vs in self.last_state.services for b in vs.backends) if self.last_state else 0)
+        self.metrics.state_bytes.set_function(lambda: self._encoder.total_bytes)
         self._describe = describe or {}
         self._queue: asyncio.Queue[SourceItem] = asyncio.Queue()
         self._kick = asyncio.Event()
-        self._encoder = Encoder()
         self._in_sync = False  # the bucket holds exactly what the encoder last produced
         self._generation = 0
         self.last_state: ClusterState | None = None  # last state published (or found published)
