@@ -5,7 +5,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # System packages the project needs. Later issues add to this one list.
-APT_PACKAGES := python3 python3-venv python3-pip nftables iptables iproute2 curl nats-server
+APT_PACKAGES := python3 python3-venv python3-pip nftables iptables iproute2 curl nats-server openssl
 
 PYTHON ?= python3
 VENV := .venv

@@ -38,7 +38,6 @@ import contextlib
 import functools
 import importlib.util
 import logging
-import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -50,6 +49,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType
 
+from kube2ipvs.backoff import Backoff
 from kube2ipvs.model import ClusterState
 from kube2ipvs.protocol import (
     META_KEY,
@@ -221,28 +221,11 @@ def _is_transient(exc: BaseException) -> bool:
     ))
 
 
-class _Backoff:
-    """Capped exponential backoff with jitter, so replicas that lost the server together spread out."""
-
-    def __init__(self, *, first: float = 0.1, cap: float = 5.0) -> None:
-        self._first = first
-        self._cap = cap
-        self._next = first
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self._cap, self._next * 2)
-        return delay * random.uniform(0.5, 1.0)  # noqa: S311  (jitter, not cryptography)
-
-    def reset(self) -> None:
-        self._next = self._first
-
-
 R = TypeVar("R")
 
 
 async def _retrying(what: str, call: Callable[[], Awaitable[R]]) -> R:
-    backoff = _Backoff()
+    backoff = Backoff(initial=0.1, maximum=5.0)
     attempt = 0
     while True:
         try:
@@ -602,7 +585,7 @@ class _Subscriber(Generic[T]):
             log.exception("event=nats_settings_rejected")
             self._status = f"nats settings rejected: {exc}"
             return
-        backoff = _Backoff(first=0.2)
+        backoff = Backoff(initial=0.2, maximum=5.0)
         while True:
             try:
                 await self._session()

@@ -49,6 +49,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.config import ConfigException
 
+from kube2ipvs.backoff import Backoff
 from kube2ipvs_watcher.source import EventType, Kind, ObjectEvent, Resync, Sink
 
 log = logging.getLogger(__name__)
@@ -193,23 +194,6 @@ class KubeSourceStats:
     restarts: Counter[str] = field(default_factory=Counter)  # supervised tasks restarted after a bug
 
 
-class _Backoff:
-    """Capped exponential backoff with "equal jitter": each delay is between half and all of its step,
-    so replicas that failed together spread out but none retries sooner than half the step."""
-
-    def __init__(self, initial: float, maximum: float, rng: random.Random) -> None:
-        self._initial, self._max, self._rng = initial, maximum, rng
-        self._attempt = 0
-
-    def next(self) -> float:
-        step = min(self._max, self._initial * 2.0 ** min(self._attempt, 32))
-        self._attempt += 1
-        return step / 2 + self._rng.uniform(0, step / 2)
-
-    def reset(self) -> None:
-        self._attempt = 0
-
-
 @dataclass(frozen=True, slots=True)
 class _Resource:
     kind: Kind
@@ -277,8 +261,8 @@ class KubeSource:
                 backoff.reset()
             await asyncio.sleep(backoff.next())
 
-    def _backoff(self) -> _Backoff:
-        return _Backoff(self._backoff_initial, self._backoff_max, self._rng)
+    def _backoff(self) -> Backoff:
+        return Backoff(initial=self._backoff_initial, maximum=self._backoff_max, rng=self._rng)
 
     async def _list_and_watch(self, res: _Resource, sink: Sink) -> None:
         backoff = self._backoff()
@@ -321,7 +305,7 @@ class KubeSource:
                 self.stats.reconnects[res.kind] += 1
                 await self._pause(res, "watch", _ProtocolError("very short watch with no events"), backoff)
 
-    async def _pause(self, res: _Resource, op: str, exc: BaseException, backoff: _Backoff) -> None:
+    async def _pause(self, res: _Resource, op: str, exc: BaseException, backoff: Backoff) -> None:
         delay = backoff.next()
         # Authorization and missing resources need an operator; everything else usually heals itself.
         level = logging.ERROR if isinstance(exc, KubeAPIError) and exc.status in (401, 403, 404) else logging.WARNING
