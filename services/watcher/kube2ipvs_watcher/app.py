@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kube2ipvs.backoff import Backoff
 from kube2ipvs.ipvs import MODES, Mode
 from kube2ipvs.lbconfig import Protocol as L4Protocol
 from kube2ipvs.model import ClusterState
@@ -188,15 +189,15 @@ class WatcherApp:
 
         Items from the source wait in the queue meanwhile, so no config is judged without it.
         """
-        delay = 0.1
+        backoff = Backoff(initial=0.1, maximum=self.settings.retry_max)
         while True:
             try:
                 bucket = encoded_from_values(await self._publisher.read_all())
                 break
             except Exception as exc:
+                delay = backoff.next()
                 log.warning("event=baseline-read-failed error=%r retry_in=%.1fs", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.retry_max)
         self._generation = self._published_generation(bucket)
         self.core.set_in_force_keys(_service_keys(bucket))
 
@@ -247,7 +248,7 @@ class WatcherApp:
             log.warning("event=kubernetes-event-failed error=%r", exc)
 
     async def _publish_loop(self) -> None:
-        backoff = self.settings.min_interval or 0.05
+        backoff = Backoff(initial=max(self.settings.min_interval, 0.05), maximum=self.settings.retry_max)
         while True:
             await self._kick.wait()
             self._kick.clear()
@@ -263,16 +264,16 @@ class WatcherApp:
                 await asyncio.sleep(wait)  # coalesce: items arriving meanwhile join this publish
             try:
                 await self.publish_once()
-                backoff = self.settings.min_interval or 0.05
+                backoff.reset()
             except Exception as exc:
                 self.metrics.publish_errors.inc()
                 if self.publish_error is None:
                     self.publish_error_since = time.time()
                 self.publish_error = f"{type(exc).__name__}: {exc}"
                 self._in_sync = False  # re-read the bucket before the next attempt
-                log.warning("event=publish-failed error=%s retry_in=%.1fs", self.publish_error, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.settings.retry_max)
+                delay = backoff.next()
+                log.warning("event=publish-failed error=%s retry_in=%.1fs", self.publish_error, delay)
+                await asyncio.sleep(delay)
                 self.core.changed = True
                 self._kick.set()
 
