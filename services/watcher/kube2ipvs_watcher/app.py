@@ -154,6 +154,7 @@ class WatcherApp:
         self._was_leader = False
         self._epoch = 0  # bumped on every NATS reconnect
         self.published_event = asyncio.Event()  # set after every successful publish (tests await it)
+        self._background: set[asyncio.Task[None]] = set()  # Event posts in flight (the loop keeps weak refs)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -227,12 +228,12 @@ class WatcherApp:
             self.metrics.config_rejections.inc()
             log.warning("event=config-rejected reason=%s", notice.reason)
             if self._events is not None:
-                asyncio.get_running_loop().create_task(self._event(
+                self._spawn(self._event(
                     self._events.config_rejected, s.configmap_namespace, s.configmap_name, notice.reason, notice.uid))
         elif isinstance(notice, ConfigHeld):
             log.warning("event=config-held reason=%s", notice.reason)
             if self._events is not None:
-                asyncio.get_running_loop().create_task(self._event(
+                self._spawn(self._event(
                     self._events.config_held, s.configmap_namespace, s.configmap_name, notice.reason, notice.uid))
         else:
             log.info("event=config-accepted entries=%d warnings=%d", notice.entries, len(notice.warnings))
@@ -240,6 +241,11 @@ class WatcherApp:
                 log.warning("event=config-warning reason=%s", warning)
         self.metrics.config_held.set(1 if self.core.config_status.held else 0)
         self.metrics.config_rejected.set(1 if self.core.config_status.rejected else 0)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _event(self, call: Any, namespace: str, name: str, reason: str, uid: str | None) -> None:
         try:
