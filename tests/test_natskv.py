@@ -539,3 +539,31 @@ def test_a_creds_file_without_the_nkeys_package_is_a_clear_error(monkeypatch: py
     with pytest.raises(natskv.KVError, match="nkeys"):
         run(natskv.connect(NatsSettings(creds_file="/nonexistent.creds")))
 
+
+
+def test_a_large_batch_of_puts_is_pipelined_and_lands_whole(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    careful: list[str] = []
+    original = KVPublisher._write
+
+    async def counting_write(self: KVPublisher, w: Write) -> None:
+        careful.append(w.key)
+        await original(self, w)
+
+    monkeypatch.setattr(KVPublisher, "_write", counting_write)
+    writes = [Write(f"node.n{i % 7}.192-0-2-1.{i + 1}.tcp", b'{"i":%d}' % i) for i in range(1000)]
+    writes += [Write("node.n0.192-0-2-1.1.tcp", None), Write("state.meta", b"{}")]
+
+    async def scenario() -> None:
+        async with KVPublisher(settings(nats_server)) as pub:
+            written = await pub.publish(writes)
+            values = await pub.read_all()
+        assert written == sum(len(w.value or b"") for w in writes)
+        assert len(values) == 1000  # 1000 puts, one deleted again, the manifest
+        assert "node.n0.192-0-2-1.1.tcp" not in values
+        assert values["node.n5.192-0-2-1.1000.tcp"] == b'{"i":999}'  # 999 % 7 == 5
+        # Only the deletion and the manifest went the one-by-one acknowledged way.
+        assert careful == ["node.n0.192-0-2-1.1.tcp", "state.meta"]
+
+    run(scenario())

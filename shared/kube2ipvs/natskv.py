@@ -69,6 +69,8 @@ DEFAULT_BUCKET: Final = "kube2ipvs"
 # Writes of one ordering batch in flight at once: enough to hide the ack round trip (~0.25 ms
 # here) without queueing megabytes in the client's pending buffer.
 _WINDOW: Final = 64
+# Batches at least this large are first sent pipelined (publish_async), see _pipelined_puts.
+_PIPELINE_MIN: Final = 256
 # The server removes a watch consumer this long after its subscriber went away. We watch again
 # after every reconnect, so the abandoned consumers must not pile up on the server.
 _WATCH_INACTIVE_SECONDS: Final = 60.0
@@ -366,7 +368,12 @@ class KVPublisher:
         for w in writes:
             if w.value is not None and len(w.value) > limit:
                 raise ValueTooLargeError(w.key, len(w.value), limit)
-        for batch in _batches(writes):
+        for whole in _batches(writes):
+            batch = whole
+            if len(whole) >= _PIPELINE_MIN and await self._pipelined_puts(whole):
+                batch = [w for w in whole if w.value is None]  # only the deletions are left
+            if not batch:
+                continue
             jobs = iter(batch)
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -375,6 +382,30 @@ class KVPublisher:
             except ExceptionGroup as group:
                 raise group.exceptions[0] from None
         return sum(len(w.value) for w in writes if w.value is not None)
+
+    async def _pipelined_puts(self, batch: Sequence[Write]) -> bool:
+        """Send every put of `batch` without waiting for each acknowledgement, then await them all.
+
+        One acknowledged put at a time (even 64 in flight) is bound by the client's per-request
+        work at ~8,000 puts/s; an initial publish at 10,000 services is ~100,000 puts. Returns
+        False on any error, and the caller writes the batch the careful way (puts are idempotent).
+        """
+        if self._kv is None:
+            return False
+        js = self._link.jetstream()
+        prefix = f"$KV.{self._link.settings.bucket}."
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for w in batch:
+                if w.value is not None:
+                    futures.append(await js.publish_async(prefix + w.key, w.value))
+            acks = await asyncio.wait_for(asyncio.gather(*futures), self._link.settings.request_timeout * 4)
+        except Exception as exc:  # any failure: fall back to the per-write path, which classifies errors
+            for f in futures:
+                f.cancel()
+            log.debug("event=pipelined_put_failed error=%r (falling back to acknowledged puts)", exc)
+            return False
+        return all(getattr(ack, "stream", None) for ack in acks)
 
     async def _drain(self, jobs: Iterator[Write]) -> None:
         for w in jobs:  # shared by the workers of one batch: each write is taken once
