@@ -121,6 +121,7 @@ lab:
 bench: install
 	$(VPY) bench/bench_render.py $(BENCH_ARGS)
 	$(VPY) bench/bench_watcher.py $(BENCH_ARGS)
+	$(VPY) bench/bench_realserver.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

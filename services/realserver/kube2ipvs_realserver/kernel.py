@@ -1,0 +1,308 @@
+"""The realserver's kernel: VIP addresses, ARP sysctls, our nft tables, their counters.
+
+`Kernel` is the port the reconciler uses; `LinuxKernel` is the one adapter (the only module of
+the role that imports pyroute2 or runs `nft`), `FakeKernel` the strict in-memory stand-in.
+
+How our addresses are recognised: every address we add carries the address protocol
+`IFA_PROTO = 149` (Linux >= 5.18, both families; `ip addr` shows it as `proto 149`). IPv6 has no
+address labels, so the label alone could not mark our /128s; the protocol can, and it survives
+a restart of the realserver without any state of ours. IPv4 addresses also get the label
+`<device>:k2i` (when it fits the kernel's 15 characters), so operators see them in `ip addr`.
+
+What was last applied to nft: the digest of the text is kept in a small state file (default
+under /run, so it goes with a reboot, as the tables do). A restart with unchanged state then
+finds the digest and the chains in place and changes nothing (counters keep counting).
+
+Every method blocks (netlink, a subprocess); the app calls them from a worker thread, one at a
+time. With `netns`, everything happens in that network namespace (tests): addresses through
+`IPRoute(netns=...)`, nft through `ip netns exec`, sysctls after `setns` on the calling thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from kube2ipvs_realserver.plan import (
+    NFT_FAMILIES,
+    OWNED_TABLE,
+    AddAddress,
+    DeleteTables,
+    NftTables,
+    Observed,
+    Op,
+    ReplaceTable,
+    SetSysctl,
+    SysctlKey,
+    expected_tables,
+    host_prefixlen,
+    nft_digest,
+)
+
+log = logging.getLogger("kube2ipvs.realserver")
+
+ADDRESS_PROTO: Final = 149  # IFA_PROTO of our addresses; 0-3 are the kernel's own
+LABEL_SUFFIX: Final = ":k2i"
+_IFNAMSIZ: Final = 15
+DEFAULT_STATE_DIR: Final = "/run/kube2ipvs"
+_DELETE_TABLES: Final = "".join(f"table {f} {OWNED_TABLE}\ndelete table {f} {OWNED_TABLE}\n" for f in NFT_FAMILIES)
+
+Counters = Mapping[str, tuple[int, int]]  # nft counter name -> (packets, bytes)
+
+
+class KernelError(Exception):
+    """An operation the kernel refused (not an already-done one): report, resync later."""
+
+
+class Kernel(Protocol):
+    def observe(self, sysctls: Iterable[SysctlKey]) -> Observed: ...
+
+    def apply(self, op: Op) -> None: ...
+
+    def counters(self) -> Counters: ...
+
+
+def label_for(device: str) -> str | None:
+    label = device + LABEL_SUFFIX
+    return label if len(label) <= _IFNAMSIZ else None
+
+
+class LinuxKernel:
+    def __init__(self, *, device: str = "lo", state_file: Path | None = None, netns: str | None = None) -> None:
+        self.device = device
+        self.netns = netns
+        self.state_file = state_file or Path(DEFAULT_STATE_DIR) / f"realserver-{device}.json"
+        self._ipr: Any = None
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    # -- addresses --------------------------------------------------------------------------
+
+    def _iproute(self) -> Any:
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            # flags=0: a missing namespace is an error, not silently created (pyroute2's default).
+            self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
+        return self._ipr
+
+    def _index(self) -> int:
+        found = self._iproute().link_lookup(ifname=self.device)
+        if not found:
+            raise KernelError(f"no device {self.device}")
+        return int(found[0])
+
+    def addresses(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(ours, foreign) addresses on the device."""
+        ours: set[str] = set()
+        foreign: set[str] = set()
+        for msg in self._iproute().get_addr(index=self._index()):
+            address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+            if address is None:
+                continue
+            text = str(ipaddress.ip_address(address.split("%")[0]))
+            (ours if msg.get("IFA_PROTO") == ADDRESS_PROTO else foreign).add(text)
+        return frozenset(ours), frozenset(foreign - ours)
+
+    def _address(self, command: str, address: str, prefixlen: int) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        extra: dict[str, Any] = {"proto": ADDRESS_PROTO} if command == "add" else {}
+        if command == "add" and ":" not in address and (label := label_for(self.device)) is not None:
+            extra["label"] = label
+        try:
+            self._iproute().addr(command, index=self._index(), address=address, prefixlen=prefixlen, **extra)
+        except NetlinkError as exc:
+            if command == "add" and exc.code == errno.EEXIST:
+                return  # already there: converged
+            if command == "del" and exc.code in (errno.EADDRNOTAVAIL, errno.ENOENT):
+                return  # already gone: converged
+            raise KernelError(f"addr {command} {address}/{prefixlen} dev {self.device}: {exc}") from exc
+
+    # -- sysctls ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _in_netns(self) -> Iterator[None]:
+        if self.netns is None:
+            yield
+            return
+        from pyroute2 import netns
+
+        netns.pushns(self.netns)  # /proc/sys/net shows the namespace of the thread that opens it
+        try:
+            yield
+        finally:
+            netns.popns()
+
+    def read_sysctls(self, keys: Iterable[SysctlKey]) -> dict[SysctlKey, int | None]:
+        values: dict[SysctlKey, int | None] = {}
+        with self._in_netns():
+            for dev, name in keys:
+                try:
+                    values[(dev, name)] = int(Path(f"/proc/sys/net/ipv4/conf/{dev}/{name}").read_text())
+                except FileNotFoundError:
+                    values[(dev, name)] = None
+        return values
+
+    def _write_sysctl(self, key: SysctlKey, value: int) -> None:
+        dev, name = key
+        with self._in_netns():
+            try:
+                Path(f"/proc/sys/net/ipv4/conf/{dev}/{name}").write_text(f"{value}\n")
+            except OSError as exc:
+                raise KernelError(f"sysctl net.ipv4.conf.{dev}.{name}={value}: {exc}") from exc
+
+    # -- nft --------------------------------------------------------------------------------
+
+    def _nft(self, *args: str, stdin: str | None = None) -> str:
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        try:
+            done = subprocess.run([*prefix, "nft", *args], input=stdin, capture_output=True, text=True,
+                                  timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KernelError(f"nft {' '.join(args)}: {exc}") from exc
+        if done.returncode != 0:
+            raise KernelError(f"nft {' '.join(args)}: {done.stderr.strip()[:2000]}")
+        return done.stdout
+
+    def _nft_json(self, *args: str) -> list[dict[str, Any]]:
+        doc = json.loads(self._nft("-j", *args) or "{}")
+        items: list[dict[str, Any]] = doc.get("nftables", [])
+        return items
+
+    def nft_tables(self) -> NftTables:
+        # One `list chains` of every family (about 12 ms at 1,000 services): `list tables` or
+        # `list table` build nft's whole cache, counters and map elements included, which costs
+        # 100 ms and more. A table without chains therefore counts as absent (see expected_tables).
+        chains = frozenset((c["chain"]["family"], c["chain"]["name"]) for c in self._nft_json("list", "chains")
+                           if "chain" in c and c["chain"]["table"] == OWNED_TABLE
+                           and c["chain"]["family"] in NFT_FAMILIES)
+        return NftTables(frozenset(f for f, _ in chains), chains)
+
+    def _applied_digest(self) -> str | None:
+        try:
+            doc = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        digest = doc.get("nft_digest") if isinstance(doc, dict) else None
+        return digest if isinstance(digest, str) else None
+
+    def _record_digest(self, digest: str | None) -> None:
+        if digest is None:
+            self.state_file.unlink(missing_ok=True)
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"nft_digest": digest}) + "\n")
+        os.replace(tmp, self.state_file)
+
+    def replace_table(self, text: str, delta: str | None = None) -> None:
+        self._record_digest(None)  # until the kernel holds it, we do not know what it holds
+        if delta is not None:
+            try:
+                if delta:
+                    self._nft("-f", "-", stdin=delta)
+                self._record_digest(nft_digest(text))
+                return
+            except KernelError as exc:
+                # The table was not what the delta assumed (its commands create, flush and
+                # delete exactly the objects it expects, so the whole transaction failed and
+                # changed nothing): load the whole text instead.
+                log.warning("event=delta_refused error=%s", exc)
+        self._nft("-f", "-", stdin=text)
+        self._record_digest(nft_digest(text))
+
+    def counters(self) -> Counters:
+        found: dict[str, tuple[int, int]] = {}
+        for family in sorted(self.nft_tables().tables):
+            for item in self._nft_json("list", "counters", "table", family, OWNED_TABLE):
+                c = item.get("counter")
+                if c is not None:
+                    found[c["name"]] = (int(c["packets"]), int(c["bytes"]))
+        return found
+
+    # -- the port ---------------------------------------------------------------------------
+
+    def observe(self, sysctls: Iterable[SysctlKey]) -> Observed:
+        ours, foreign = self.addresses()
+        return Observed(ours=ours, foreign=foreign, nft_digest=self._applied_digest(), nft=self.nft_tables(),
+                        sysctls=self.read_sysctls(sysctls))
+
+    def apply(self, op: Op) -> None:
+        if isinstance(op, SetSysctl):
+            self._write_sysctl(op.key, op.value)
+        elif isinstance(op, ReplaceTable):
+            self.replace_table(op.text, op.delta)
+        elif isinstance(op, DeleteTables):
+            self._nft("-f", "-", stdin=_DELETE_TABLES)
+            self._record_digest(None)
+        elif isinstance(op, AddAddress):
+            self._address("add", op.address, op.prefixlen)
+        else:
+            self._address("del", op.address, op.prefixlen)
+
+
+@dataclass
+class FakeKernel:
+    """The kernel in memory, strict where the real one is: it rejects what the kernel rejects
+    (an address that is not a host address of its family, a sysctl of a device that does not
+    exist, nft text that is not our two tables) and what would be a bug of ours (deleting an
+    address we do not own). It records every change, so tests can assert "no kernel change".
+    """
+
+    devices: set[str] = field(default_factory=lambda: {"lo", "eth0"})
+    ours: set[str] = field(default_factory=set)
+    foreign: set[str] = field(default_factory=lambda: {"127.0.0.1", "::1"})
+    sysctls: dict[SysctlKey, int] = field(default_factory=dict)
+    nft_text: str | None = None  # what our tables hold (None: no tables)
+    digest: str | None = None  # the state file
+    counter_values: dict[str, tuple[int, int]] = field(default_factory=dict)
+    changes: list[Op] = field(default_factory=list)
+    fail_next: str | None = None  # the next apply raises KernelError with this message
+
+    def observe(self, sysctls: Iterable[SysctlKey]) -> Observed:
+        values = {(d, n): (self.sysctls.get((d, n), 0) if d in self.devices else None) for d, n in sysctls}
+        nft = expected_tables(self.nft_text) if self.nft_text is not None else NftTables()
+        return Observed(ours=frozenset(self.ours), foreign=frozenset(self.foreign), nft_digest=self.digest,
+                        nft=nft, sysctls=values)
+
+    def apply(self, op: Op) -> None:
+        if self.fail_next is not None:
+            message, self.fail_next = self.fail_next, None
+            raise KernelError(message)
+        if isinstance(op, SetSysctl):
+            if op.key[0] not in self.devices:
+                raise KernelError(f"no device {op.key[0]}")
+            self.sysctls[op.key] = op.value
+        elif isinstance(op, ReplaceTable):
+            if not op.text.startswith(f"table ip {OWNED_TABLE}\ndelete table ip {OWNED_TABLE}\n"):
+                raise KernelError("nft text does not replace our table")
+            self.nft_text, self.digest = op.text, nft_digest(op.text)
+        elif isinstance(op, DeleteTables):
+            self.nft_text = self.digest = None
+        elif isinstance(op, AddAddress):
+            if op.prefixlen != host_prefixlen(op.address) or str(ipaddress.ip_address(op.address)) != op.address:
+                raise KernelError(f"not a canonical host address: {op.address}/{op.prefixlen}")
+            if op.address in self.foreign:
+                raise KernelError(f"{op.address} exists")  # the real add would find it and not mark it ours
+            self.ours.add(op.address)
+        else:
+            if op.address in self.foreign:
+                raise AssertionError(f"deleted a foreign address {op.address}")
+            self.ours.discard(op.address)
+        self.changes.append(op)
+
+    def counters(self) -> Counters:
+        return dict(self.counter_values)
