@@ -221,6 +221,33 @@ class Dataplane:
         return out.splitlines()
 
 
+def build_dataplane(lab: Lab, *, prefix: str = "") -> tuple[Netns, Netns]:
+    """A node with two pods serving on PORT, and a client routed to VIP and VIP6 through the node.
+
+    The VIPs are not put on the node: holding them is what the callers test or do themselves.
+    """
+    node, client = lab.netns(prefix + "node"), lab.netns(prefix + "client")
+    node.exec("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+    lab.link(node, "vc", client, "eth0")
+    node.ip("addr", "add", "203.0.113.1/24", "dev", "vc")
+    node.ip("addr", "add", "2001:db8:c::1/64", "dev", "vc")
+    client.ip("addr", "add", f"{CLIENT}/24", "dev", "eth0")
+    client.ip("addr", "add", f"{CLIENT6}/64", "dev", "eth0")
+    client.ip("route", "add", f"{VIP}/32", "via", "203.0.113.1")
+    client.ip("-6", "route", "add", f"{VIP6}/128", "via", "2001:db8:c::1")
+    for i, (name, (v4, v6)) in enumerate(sorted(PODS.items()), start=1):
+        pod = lab.netns(prefix + name)
+        lab.link(node, f"vp{i}", pod, "eth0")
+        node.ip("addr", "add", f"10.0.{i}.1/24", "dev", f"vp{i}")
+        node.ip("addr", "add", f"2001:db8:1:{i}::1/64", "dev", f"vp{i}")
+        pod.ip("addr", "add", f"{v4}/24", "dev", "eth0")
+        pod.ip("addr", "add", f"{v6}/64", "dev", "eth0")
+        pod.ip("route", "add", "default", "via", f"10.0.{i}.1")
+        pod.ip("-6", "route", "add", "default", "via", f"2001:db8:1:{i}::1")
+        lab.spawn_ready(pod, [sys.executable, "-c", SERVER, name, str(PORT)])
+    return node, client
+
+
 @pytest.fixture(scope="module")
 def dataplane() -> Iterator[Dataplane]:
     # Module fixtures are set up before the autouse skip above runs, so check here too.
@@ -228,29 +255,9 @@ def dataplane() -> Iterator[Dataplane]:
         pytest.skip(reason)
     lab = Lab()
     try:
-        node, client = lab.netns("node"), lab.netns("client")
-        node.exec("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        node, client = build_dataplane(lab)
         node.ip("addr", "add", f"{VIP}/32", "dev", "lo")
         node.ip("addr", "add", f"{VIP6}/128", "dev", "lo")
-
-        lab.link(node, "vc", client, "eth0")
-        node.ip("addr", "add", "203.0.113.1/24", "dev", "vc")
-        node.ip("addr", "add", "2001:db8:c::1/64", "dev", "vc")
-        client.ip("addr", "add", f"{CLIENT}/24", "dev", "eth0")
-        client.ip("addr", "add", f"{CLIENT6}/64", "dev", "eth0")
-        client.ip("route", "add", f"{VIP}/32", "via", "203.0.113.1")
-        client.ip("-6", "route", "add", f"{VIP6}/128", "via", "2001:db8:c::1")
-
-        for i, (name, (v4, v6)) in enumerate(sorted(PODS.items()), start=1):
-            pod = lab.netns(name)
-            lab.link(node, f"vp{i}", pod, "eth0")
-            node.ip("addr", "add", f"10.0.{i}.1/24", "dev", f"vp{i}")
-            node.ip("addr", "add", f"2001:db8:1:{i}::1/64", "dev", f"vp{i}")
-            pod.ip("addr", "add", f"{v4}/24", "dev", "eth0")
-            pod.ip("addr", "add", f"{v6}/64", "dev", "eth0")
-            pod.ip("route", "add", "default", "via", f"10.0.{i}.1")
-            pod.ip("-6", "route", "add", "default", "via", f"2001:db8:1:{i}::1")
-            lab.spawn_ready(pod, [sys.executable, "-c", SERVER, name, str(PORT)])
         yield Dataplane(node, client)
     finally:
         lab.close()

@@ -33,7 +33,7 @@ from kube2ipvs_realserver.app import AppSettings, RealserverApp
 from kube2ipvs_realserver.kernel import Counters, LinuxKernel
 from kube2ipvs_realserver.plan import AddAddress, Observed, Op, ReplaceTable, Settings, SysctlKey
 from tests.natsfixture import running_nats_server
-from tests.root.conftest import PODS, PORT, SERVER, Lab, Netns, skip_reason, wait_for
+from tests.root.conftest import PODS, PORT, Lab, Netns, build_dataplane, skip_reason, wait_for
 from tests.test_render_nft import virtual_service
 
 pytestmark = pytest.mark.root
@@ -68,26 +68,8 @@ def topology() -> Iterator[Topology]:
         pytest.skip(reason)
     lab = Lab()
     try:
-        node, client = lab.netns("rs-node"), lab.netns("rs-client")
-        node.exec("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
-        node.ip("addr", "add", f"{FOREIGN}/32", "dev", "lo")
-        lab.link(node, "vc", client, "eth0")
-        node.ip("addr", "add", "203.0.113.1/24", "dev", "vc")
-        node.ip("addr", "add", "2001:db8:c::1/64", "dev", "vc")
-        client.ip("addr", "add", "203.0.113.2/24", "dev", "eth0")
-        client.ip("addr", "add", "2001:db8:c::2/64", "dev", "eth0")
-        client.ip("route", "add", f"{VIP}/32", "via", "203.0.113.1")
-        client.ip("-6", "route", "add", f"{VIP6}/128", "via", "2001:db8:c::1")
-        for i, (name, (v4, v6)) in enumerate(sorted(PODS.items()), start=1):
-            pod = lab.netns(f"rs-{name}")
-            lab.link(node, f"vp{i}", pod, "eth0")
-            node.ip("addr", "add", f"10.0.{i}.1/24", "dev", f"vp{i}")
-            node.ip("addr", "add", f"2001:db8:1:{i}::1/64", "dev", f"vp{i}")
-            pod.ip("addr", "add", f"{v4}/24", "dev", "eth0")
-            pod.ip("addr", "add", f"{v6}/64", "dev", "eth0")
-            pod.ip("route", "add", "default", "via", f"10.0.{i}.1")
-            pod.ip("-6", "route", "add", "default", "via", f"2001:db8:1:{i}::1")
-            lab.spawn_ready(pod, [sys.executable, "-c", SERVER, name, str(PORT)])
+        node, client = build_dataplane(lab, prefix="rs-")
+        node.ip("addr", "add", f"{FOREIGN}/32", "dev", "lo")  # someone else's: never to be touched
         yield Topology(node, client)
     finally:
         lab.close()
