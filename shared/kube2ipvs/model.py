@@ -8,7 +8,6 @@ same inputs in any order compare (and hash) equal.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -262,10 +261,6 @@ def content_hash(vips: bytes, service_digests: Iterable[str]) -> str:
     h = hashlib.sha256(vips)
     h.update("".join("\n" + d for d in service_digests).encode())  # one C-level update: 10k digests in ~1 ms
     return "sha256:" + h.hexdigest()
-
-
-def family_of(address: str) -> Family:
-    return 6 if ipaddress.ip_address(address).version == 6 else 4
 
 
 def hostport(address: str, port: int) -> str:

@@ -115,13 +115,6 @@ ServiceRef = tuple[str, str]  # (namespace, name)
 ServiceKey = tuple[str, int, Protocol]  # (vip, port, protocol)
 
 
-@dataclass(frozen=True, slots=True)
-class _Result:
-    vs: VirtualService | None
-    skips: tuple[Skip, ...]
-    digest: str | None
-
-
 class Normalizer:
     """normalize(), kept up to date object by object.
 
@@ -141,7 +134,6 @@ class Normalizer:
         self._services: dict[ServiceRef, Service] = {}
         self._slices: dict[ServiceRef, EndpointSlice] = {}  # by (namespace, slice name)
         self._slices_of: dict[ServiceRef, dict[str, EndpointSlice]] = defaultdict(dict)
-        self._results: dict[ServiceKey, _Result] = {}
         self._dirty: set[ServiceRef] = set()
         self._all_dirty = True
         self._node_tuple: tuple[NodeStatus, ...] | None = None  # sorted statuses, until one changes
@@ -300,7 +292,6 @@ class Normalizer:
             self._node_tuple = None
             for node in self._nodes.values():
                 self._set_status(node)
-            self._results = {}
             self._changed = None
             todo: Iterable[tuple[PortConfig, Protocol]] = self._order
         else:
@@ -311,15 +302,13 @@ class Normalizer:
             vs = _virtual_service(entry, protocol, self._mtu, self._services.get(ref),
                                   self._slices_of.get(ref, {}).values(), self._eligible, skips)
             key = (entry.vip, entry.port, protocol)
-            previous = self._results.get(key)
-            if previous is not None and previous.vs == vs:
-                digest = previous.digest
+            i = self._position[key]
+            if self._vs_at[i] == vs:
+                digest = self._digest_at[i]
             else:
                 digest = service_digest(vs) if vs is not None and self._track_digests else None
                 if self._changed is not None:
                     self._changed[key] = (vs, digest) if vs is not None and digest is not None else None
-            self._results[key] = _Result(vs, tuple(skips), digest)
-            i = self._position[key]
             self._vs_at[i] = vs
             self._digest_at[i] = digest
             if skips:

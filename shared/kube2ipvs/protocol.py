@@ -256,14 +256,6 @@ def encode_state(state: ClusterState) -> Encoded:
     return encoder.snapshot(state.generation)
 
 
-def restamp(encoded: Encoded, generation: int) -> Encoded:
-    """The same state under another generation number (only the manifest changes)."""
-    meta = json.loads(encoded.meta)
-    meta["generation"] = generation
-    value = compact_json(meta)
-    return Encoded(values={**encoded.values, META_KEY: value}, digests={**encoded.digests, META_KEY: digest(value)})
-
-
 # ---------------------------------------------------------------------------------------------
 # Decoding (consumers)
 
