@@ -59,6 +59,9 @@ class Leader:
         await self._changed.wait()
         self._changed.clear()
 
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
 
 class RecordingPublisher(KVPublisher):
     """The real publisher, remembering the keys of each batch it wrote."""

@@ -64,6 +64,9 @@ class Leadership(Protocol):
 
     async def wait_changed(self) -> None: ...
 
+    async def run(self) -> None:
+        """Keep (or wait for) the leadership until cancelled; cancelling releases it."""
+
 
 class EventSink(Protocol):
     async def config_rejected(self, namespace: str, name: str, reason: str, *, uid: str | None = None) -> None: ...
@@ -77,6 +80,9 @@ class AlwaysLeader:
     is_leader = True
 
     async def wait_changed(self) -> None:
+        await asyncio.Event().wait()
+
+    async def run(self) -> None:
         await asyncio.Event().wait()
 
 

@@ -126,7 +126,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
             return 0
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(app.run())]
-            if leadership is not None and hasattr(leadership, "run"):
+            if leadership is not None:
                 tasks.append(tg.create_task(leadership.run()))
             await stop.wait()
             log.info("event=stopping role=watcher")
