@@ -16,6 +16,7 @@ from kube2ipvs_realserver.app import AppSettings, RealserverApp, cleanup
 from kube2ipvs_realserver.kernel import FakeKernel
 from kube2ipvs_realserver.plan import AddAddress, DeleteAddress, DeleteTables, ReplaceTable, Settings
 from tests.test_realserver_plan import node_slice
+from tests.test_render_nft import virtual_service
 
 SETTINGS = Settings(interface="eth0")
 
@@ -53,10 +54,13 @@ def test_before_the_first_slice_nothing_is_touched_and_health_says_why() -> None
 def test_a_slice_converges_the_kernel_and_the_same_slice_again_changes_nothing() -> None:
     kernel = FakeKernel()
     app = app_with(kernel)
-    app.offer(node_slice(("192.0.2.10", 80), ("2001:db8::10", 80)))
+    v6 = virtual_service("2001:db8::10", 80, endpoints=[("2001:db8:1::2", 8080)])
+    only_v4_pods = virtual_service("2001:db8::11", 80)  # its one endpoint, 10.1.1.2, cannot be DNATed to
+    app.offer(NodeSlice("node-a", ("192.0.2.10", "2001:db8::10", "2001:db8::11"),
+                        (virtual_service("192.0.2.10", 80), v6, only_v4_pods)))
     first = asyncio.run(app.reconcile_once())
     assert AddAddress("192.0.2.10", 32) in first
-    assert kernel.ours == {"192.0.2.10", "2001:db8::10"}
+    assert kernel.ours == {"192.0.2.10", "2001:db8::10"}  # a VIP without a DNAT would answer with RSTs
     assert kernel.sysctls[("eth0", "arp_ignore")] == 1
     kernel.changes.clear()
     assert asyncio.run(app.reconcile_once()) == []
@@ -134,8 +138,9 @@ def test_kernel_counters_become_labelled_series_that_go_with_their_service() -> 
     kernel = FakeKernel()
     app = app_with(kernel)
     app.offer(node_slice(("192.0.2.10", 80), ("192.0.2.11", 80)))
-    kernel.counter_values = {"svc_192.0.2.10_80_tcp_syn_in": (5, 300), "svc_192.0.2.10_80_tcp_pkts_in": (20, 1500),
-                             "svc_192.0.2.11_80_tcp_rst_out": (2, 80)}
+    kernel.counter_values = {("192.0.2.10", 80, "tcp"): {"syn_in": (5, 300), "pkts_in": (20, 1500)},
+                             ("192.0.2.11", 80, "tcp"): {"rst_out": (2, 80)},
+                             ("192.0.2.99", 80, "tcp"): {"rst_out": (7, 80)}}  # not in the slice
     asyncio.run(app.reconcile_once())
     text = generate_latest(app.registry).decode()
     labels = 'namespace="shop",port="80",port_name="http",protocol="tcp",service="web"'
@@ -143,6 +148,7 @@ def test_kernel_counters_become_labelled_series_that_go_with_their_service() -> 
             in text)
     assert f'kube2ipvs_realserver_bytes_total{{direction="in",{labels},vip="192.0.2.10"}} 1500.0' in text
     assert f'kube2ipvs_realserver_tcp_flags_total{{direction="out",flag="rst",{labels},vip="192.0.2.11"}} 2.0' in text
+    assert "192.0.2.99" not in text  # counters of a service not in the slice make no series
     app.offer(node_slice(("192.0.2.10", 80)))
     asyncio.run(app.reconcile_once())
     assert 'vip="192.0.2.11"' not in generate_latest(app.registry).decode()
@@ -153,7 +159,7 @@ def test_config_shows_the_nodes_rules_in_each_format() -> None:
     assert app.config({"format": "nft"}).status == 503
     app.offer(node_slice(("192.0.2.10", 80)))
     asyncio.run(app.reconcile_once())
-    assert "dnat ip to 10.1.1.2:8080" in app.config({"format": "nft"}).body
+    assert "192.0.2.10 . tcp . 80 . 0 : 10.1.1.2 . 8080" in app.config({"format": "nft"}).body
     assert "-j DNAT --to-destination 10.1.1.2:8080" in app.config({"format": "iptables"}).body
     assert '"vip": "192.0.2.10"' in app.config({"format": "json"}).body
     assert '"vips": [\n    "192.0.2.10"\n  ]' in app.config({}).body

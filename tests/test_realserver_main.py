@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from kube2ipvs_realserver.app import AppSettings, RealserverApp
-from kube2ipvs_realserver.kernel import FakeKernel, label_for
+from kube2ipvs_realserver.kernel import Counters, FakeKernel, label_for
 from kube2ipvs_realserver.main import build_parser, realserver_settings, run
 from kube2ipvs_realserver.plan import Settings
 from tests.test_realserver_plan import node_slice
@@ -47,7 +47,7 @@ def test_a_burst_of_slices_reads_the_counters_once_per_interval() -> None:
     class CountingKernel(FakeKernel):
         reads = 0
 
-        def counters(self) -> dict[str, tuple[int, int]]:
+        def counters(self) -> Counters:
             self.reads += 1
             return {}
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kube2ipvs.render.nft import render_nft
-from kube2ipvs.render.nftdelta import render_nft_delta
+from kube2ipvs.render.nft import dnat_entries, render_nft
+from kube2ipvs.render.nftdelta import entries_by_key, render_entries_delta, render_nft_delta
 from tests.test_render_nft import virtual_service
 
 A = virtual_service("192.0.2.1", 80, endpoints=[("10.0.0.1", 8080), ("10.0.0.2", 8080)])
 DNS = virtual_service("192.0.2.1", 53, "udp", endpoints=[("10.0.0.1", 53)])
 B = virtual_service("192.0.2.2", 443, endpoints=[("10.0.0.3", 8443)])
+A1 = virtual_service("192.0.2.1", 80, endpoints=[("10.0.0.2", 8080)])
 A6 = virtual_service("2001:db8::1", 80, endpoints=[("2001:db8:1::1", 8080)])
 B6 = virtual_service("2001:db8::2", 80, endpoints=[("2001:db8:1::1", 8080)])
 
@@ -32,17 +33,58 @@ def test_input_order_and_duplicates_make_no_difference() -> None:
     assert render_nft_delta([A, DNS, A6], [A6, DNS, A, A]) == ""
 
 
-def test_a_service_whose_endpoints_changed_has_its_chain_flushed_and_refilled() -> None:
+def test_a_service_whose_endpoints_changed_moves_class_with_its_new_slots_and_keeps_its_counters() -> None:
     fewer = virtual_service("192.0.2.1", 80, endpoints=[("10.0.0.2", 8080)])
     assert lines(render_nft_delta([A, DNS], [fewer, DNS])) == [
-        "flush chain ip kube2ipvs svc_192.0.2.1_80_tcp",
-        "add rule ip kube2ipvs svc_192.0.2.1_80_tcp meta l4proto tcp dnat ip to 10.0.0.2:8080",
+        "delete element ip kube2ipvs class { 192.0.2.1 . tcp . 80 }",
+        "delete element ip kube2ipvs slots_2 { 192.0.2.1 . tcp . 80 . 0, 192.0.2.1 . tcp . 80 . 1 }",
+        "create element ip kube2ipvs slots_1 { 192.0.2.1 . tcp . 80 . 0 : 10.0.0.2 . 8080 }",
+        "create element ip kube2ipvs class { 192.0.2.1 . tcp . 80 : goto dnat_1 }",
     ]
     assert lines(render_nft_delta([fewer, DNS], [A, DNS])) == [
-        "flush chain ip kube2ipvs svc_192.0.2.1_80_tcp",
-        "add rule ip kube2ipvs svc_192.0.2.1_80_tcp meta l4proto tcp numgen inc mod 2 == 0 dnat ip to 10.0.0.1:8080",
-        "add rule ip kube2ipvs svc_192.0.2.1_80_tcp meta l4proto tcp dnat ip to 10.0.0.2:8080",
+        "delete element ip kube2ipvs class { 192.0.2.1 . tcp . 80 }",
+        "delete element ip kube2ipvs slots_1 { 192.0.2.1 . tcp . 80 . 0 }",
+        "create element ip kube2ipvs slots_2 { 192.0.2.1 . tcp . 80 . 0 : 10.0.0.1 . 8080, "
+        "192.0.2.1 . tcp . 80 . 1 : 10.0.0.2 . 8080 }",
+        "create element ip kube2ipvs class { 192.0.2.1 . tcp . 80 : goto dnat_2 }",
     ]
+
+
+def test_an_endpoint_replaced_by_another_is_an_element_change_only() -> None:
+    other = virtual_service("192.0.2.1", 80, endpoints=[("10.0.0.1", 8080), ("10.0.0.9", 8080)])
+    text = render_nft_delta([A], [other])
+    assert all(" element " in line for line in lines(text))
+    assert "create element ip kube2ipvs slots_2 { 192.0.2.1 . tcp . 80 . 0 : 10.0.0.1 . 8080, " \
+           "192.0.2.1 . tcp . 80 . 1 : 10.0.0.9 . 8080 }" in text
+
+
+def test_a_service_growing_past_the_fixed_classes_creates_its_class_and_the_last_one_out_deletes_it() -> None:
+    many = virtual_service("192.0.2.1", 80, endpoints=[(f"10.0.1.{i}", 8080) for i in range(1, 71)])
+    grown = lines(render_nft_delta([A], [many]))
+    made = [line for line in grown if " element " not in line]
+    assert made == [
+        "create map ip kube2ipvs slots_70 { typeof ip daddr . meta l4proto . th dport . numgen random mod 70 : "
+        "ip daddr . th dport; }",
+        "create chain ip kube2ipvs dnat_70",
+        "add rule ip kube2ipvs dnat_70 meta l4proto tcp dnat ip to ip daddr . meta l4proto . th dport . "
+        "numgen random mod 70 map @slots_70",
+        "add rule ip kube2ipvs dnat_70 meta l4proto udp dnat ip to ip daddr . meta l4proto . th dport . "
+        "numgen random mod 70 map @slots_70",
+    ]
+    class_element = "create element ip kube2ipvs class { 192.0.2.1 . tcp . 80 : goto dnat_70 }"
+    assert grown.index(made[-1]) < grown.index(class_element)
+    shrunk = lines(render_nft_delta([many], [A]))
+    assert [line for line in shrunk if " element " not in line] == [
+        "delete chain ip kube2ipvs dnat_70", "delete map ip kube2ipvs slots_70"]
+    assert shrunk.index("delete element ip kube2ipvs class { 192.0.2.1 . tcp . 80 }") < shrunk.index(
+        "delete chain ip kube2ipvs dnat_70")
+
+
+def test_a_large_class_still_used_by_an_unchanged_service_stays() -> None:
+    many = virtual_service("192.0.2.1", 80, endpoints=[(f"10.0.1.{i}", 8080) for i in range(1, 71)])
+    also = virtual_service("192.0.2.2", 80, endpoints=[(f"10.0.1.{i}", 8080) for i in range(1, 71)])
+    assert all(" element " in line for line in lines(render_nft_delta([many, also], [A, also])))
+    assert all(" element " in line for line in lines(render_nft_delta([A, also], [many, also])))
 
 
 def test_a_change_outside_the_dnat_entry_such_as_the_service_name_changes_nothing() -> None:
@@ -51,34 +93,27 @@ def test_a_change_outside_the_dnat_entry_such_as_the_service_name_changes_nothin
     assert render_nft_delta([A], [replace(A, service="renamed")]) == ""
 
 
-def test_a_new_service_is_created_counters_then_chain_and_rules_then_map_elements() -> None:
+def test_a_new_service_gets_its_slots_and_counters_before_the_class_element_that_reaches_them() -> None:
     assert lines(render_nft_delta([A], [A, DNS])) == [
-        "create counter ip kube2ipvs svc_192.0.2.1_53_udp_pkts_in",
-        "create counter ip kube2ipvs svc_192.0.2.1_53_udp_pkts_out",
-        "create chain ip kube2ipvs svc_192.0.2.1_53_udp",
-        "add rule ip kube2ipvs svc_192.0.2.1_53_udp meta l4proto udp dnat ip to 10.0.0.1:53",
-        "create element ip kube2ipvs services { 192.0.2.1 . udp . 53 : goto svc_192.0.2.1_53_udp }",
-        'create element ip kube2ipvs pkts_in { 192.0.2.1 . udp . 53 : "svc_192.0.2.1_53_udp_pkts_in" }',
-        'create element ip kube2ipvs pkts_out { 192.0.2.1 . udp . 53 : "svc_192.0.2.1_53_udp_pkts_out" }',
+        "create element ip kube2ipvs slots_1 { 192.0.2.1 . udp . 53 . 0 : 10.0.0.1 . 53 }",
+        "create element ip kube2ipvs pkts_in { 192.0.2.1 . udp . 53 }",
+        "create element ip kube2ipvs pkts_out { 192.0.2.1 . udp . 53 }",
+        "create element ip kube2ipvs class { 192.0.2.1 . udp . 53 : goto dnat_1 }",
     ]
 
 
-def test_a_new_tcp_service_is_added_to_every_flag_map() -> None:
+def test_a_new_tcp_service_is_added_to_every_counter_set() -> None:
     text = render_nft_delta([A], [A, B])
     for kind in ("pkts_in", "pkts_out", "syn_in", "synack_out", "fin_in", "fin_out", "rst_in", "rst_out"):
-        element = f'{{ 192.0.2.2 . tcp . 443 : "svc_192.0.2.2_443_tcp_{kind}" }}'
-        assert f"create element ip kube2ipvs {kind} {element}" in text
-        assert f"create counter ip kube2ipvs svc_192.0.2.2_443_tcp_{kind}" in text
+        assert f"create element ip kube2ipvs {kind} {{ 192.0.2.2 . tcp . 443 }}" in text
 
 
-def test_a_removed_service_leaves_the_maps_before_its_chain_and_counters_go() -> None:
+def test_a_removed_service_leaves_the_class_map_first_then_its_slots_and_counters() -> None:
     assert lines(render_nft_delta([A, DNS], [A])) == [
-        "delete element ip kube2ipvs services { 192.0.2.1 . udp . 53 }",
+        "delete element ip kube2ipvs class { 192.0.2.1 . udp . 53 }",
+        "delete element ip kube2ipvs slots_1 { 192.0.2.1 . udp . 53 . 0 }",
         "delete element ip kube2ipvs pkts_in { 192.0.2.1 . udp . 53 }",
         "delete element ip kube2ipvs pkts_out { 192.0.2.1 . udp . 53 }",
-        "delete chain ip kube2ipvs svc_192.0.2.1_53_udp",
-        "delete counter ip kube2ipvs svc_192.0.2.1_53_udp_pkts_in",
-        "delete counter ip kube2ipvs svc_192.0.2.1_53_udp_pkts_out",
     ]
 
 
@@ -91,8 +126,8 @@ def test_several_removed_and_added_services_share_one_command_per_map() -> None:
     c = virtual_service("192.0.2.3", 80)
     d = virtual_service("192.0.2.4", 80)
     text = lines(render_nft_delta([A, c, d], [A, B]))
-    assert "delete element ip kube2ipvs services { 192.0.2.3 . tcp . 80, 192.0.2.4 . tcp . 80 }" in text
-    assert "create element ip kube2ipvs services { 192.0.2.2 . tcp . 443 : goto svc_192.0.2.2_443_tcp }" in text
+    assert "delete element ip kube2ipvs class { 192.0.2.3 . tcp . 80, 192.0.2.4 . tcp . 80 }" in text
+    assert "create element ip kube2ipvs class { 192.0.2.2 . tcp . 443 : goto dnat_1 }" in text
     deletes = [i for i, line in enumerate(text) if line.startswith("delete ")]
     adds = [i for i, line in enumerate(text) if line.startswith(("create ", "add "))]
     assert max(deletes) < min(adds)  # everything removed first: no name is in use twice at a time
@@ -143,9 +178,7 @@ def test_a_vip_spelled_differently_is_the_same_service() -> None:
     assert render_nft_delta([A6], [upper]) == ""
 
 
-def test_services_whose_backends_did_not_change_are_not_rebuilt() -> None:
-    # The delta's cost is that of the changed services: an unchanged one is compared, never
-    # parsed. An address the renderer would reject (ValueError) shows it was not read.
-    unread = virtual_service("192.0.2.9", 80, endpoints=[("not-an-address", 8080)])
-    fewer = virtual_service("192.0.2.1", 80, endpoints=[("10.0.0.2", 8080)])
-    assert render_nft_delta([A, unread], [fewer, unread]) == render_nft_delta([A], [fewer])
+def test_the_entries_delta_compares_only_the_keys_it_is_told_may_have_changed() -> None:
+    old, new = entries_by_key(dnat_entries([A, DNS])), entries_by_key(dnat_entries([A1, DNS]))
+    assert render_entries_delta(old, new) == render_nft_delta([A, DNS], [A1, DNS])
+    assert render_entries_delta(old, new, changed=[("192.0.2.1", 53, "udp")]) == ""

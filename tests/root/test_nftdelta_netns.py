@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from kube2ipvs.lbconfig import Protocol
 from kube2ipvs.model import VirtualService
-from kube2ipvs.render.nft import counter_names, render_nft
+from kube2ipvs.names import COUNTER_KINDS
+from kube2ipvs.render.nft import render_nft
 from kube2ipvs.render.nftdelta import render_nft_delta
 from tests.root.conftest import Lab, Netns, skip_reason, wait_for
+from tests.root.test_nft_netns import set_counters
 from tests.test_render_nft import virtual_service
 
 pytestmark = pytest.mark.root
@@ -146,26 +148,30 @@ for _ in range(int(sys.argv[3])):
 """
 
 
-def test_counters_of_services_the_delta_keeps_are_neither_recreated_nor_reset(lab: Lab) -> None:
+def test_counters_of_services_the_delta_keeps_are_not_reset(lab: Lab) -> None:
     ns = lab.netns("nd-count")
     ns.ip("addr", "add", "192.0.2.1/32", "dev", "lo")
     ns.nft(render_nft([A, DNS, B]))
     # Packets from the namespace to the VIP are counted by the output hook (raw priority, before
     # the DNAT), so pkts_in of the DNS service counts each datagram.
     ns.exec(sys.executable, "-c", SEND_UDP, "192.0.2.1", "53", "3")
-    before = wait_for(lambda: counter_objects(ns, "ip"), lambda c: c[counter_names(DNS)["pkts_in"]][1] >= 3)
-    assert before[counter_names(DNS)["pkts_in"]][1] == 3
+    dns = ("192.0.2.1", "udp", 53)
+    wait_for(lambda: set_counters(ns, "ip", "pkts_in"), lambda c: c[dns][0] >= 3)
+    before = {kind: set_counters(ns, "ip", kind) for kind in COUNTER_KINDS}
+    assert before["pkts_in"][dns][0] == 3
 
     # DNS itself loses an endpoint, A changes, B goes, a new service comes.
     dns_moved = virtual_service("192.0.2.1", 53, "udp", endpoints=[("10.0.0.2", 53)])
     new = [A1, dns_moved, virtual_service("192.0.2.3", 80)]
     ns.nft(render_nft_delta([A, DNS, B], new))
 
-    after = counter_objects(ns, "ip")
-    kept = [*counter_names(A).values(), *counter_names(DNS).values()]
-    assert {n: after[n] for n in kept} == {n: before[n] for n in kept}
-    assert not set(counter_names(B).values()) & set(after)
-    assert set(counter_names(new[2]).values()) <= set(after)
+    after = {kind: set_counters(ns, "ip", kind) for kind in COUNTER_KINDS}
+    for kind in COUNTER_KINDS:
+        kept = [k for k in before[kind] if k != ("192.0.2.2", "tcp", 443)]  # A and DNS
+        assert {k: after[kind][k] for k in kept} == {k: before[kind][k] for k in kept}, kind
+        assert ("192.0.2.2", "tcp", 443) not in after[kind]  # B went with its elements
+        assert ("192.0.2.3", "tcp", 80) in after[kind]  # the new one has all its kinds
+    assert after["pkts_in"][dns][0] == 3
 
 
 def test_a_delta_against_a_table_that_is_not_the_old_one_fails_and_changes_nothing(lab: Lab) -> None:

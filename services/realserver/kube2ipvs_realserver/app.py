@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import time
@@ -30,7 +31,6 @@ from prometheus_client.registry import Collector
 from kube2ipvs.model import service_to_dict
 from kube2ipvs.protocol import NodeSlice
 from kube2ipvs.render.iptables import render_iptables
-from kube2ipvs.render.nft import counter_names
 from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
 from kube2ipvs_realserver.kernel import Counters, Kernel
 from kube2ipvs_realserver.plan import (
@@ -81,7 +81,8 @@ class KernelCounters(Collector):
     """Prometheus counters from the last snapshot of the kernel's nft counters.
 
     Series exist only for services of the current slice, so a service's series go with it.
-    Replacing the table resets its counters; Prometheus' rate() treats that as a counter reset.
+    Replacing the table whole resets its counters (a delta keeps those of the services it
+    keeps); Prometheus' rate() treats that as a counter reset.
     """
 
     def __init__(self, app: RealserverApp) -> None:
@@ -96,12 +97,16 @@ class KernelCounters(Collector):
         flags = CounterMetricFamily(p + "tcp_flags", "TCP packets of a VIP:port with SYN, SYN-ACK, FIN or RST",
                                     labels=[*_LABELS, "flag", "direction"])
         desired, snapshot = self._app.desired, self._app.counters
+        canonical: dict[str, str] = {}
         for vs in desired.services if desired is not None else ():
+            vip = canonical.get(vs.vip)
+            if vip is None:
+                vip = canonical[vs.vip] = str(ipaddress.ip_address(vs.vip))
+            kinds = snapshot.get((vip, vs.port, vs.protocol))
+            if not kinds:
+                continue
             labels = [vs.vip, str(vs.port), vs.protocol, vs.namespace, vs.service, vs.port_name]
-            for kind, name in counter_names(vs).items():
-                if name not in snapshot:
-                    continue
-                pkts, nbytes = snapshot[name]
+            for kind, (pkts, nbytes) in kinds.items():
                 metric, direction, flag = _KINDS[kind]
                 if metric == "packets":
                     packets.add_metric([*labels, direction], pkts)
@@ -201,8 +206,9 @@ class RealserverApp:
         if node_slice is self._desired_for and self.desired is not None:
             desired = self.desired  # a resync: the slice is the one already rendered
         else:
-            # Rendering takes about 1.5 s at 10,000 services: off the loop, so /healthz answers.
-            desired = await asyncio.to_thread(desired_state, node_slice, self.settings)
+            # Incremental from the last desired state (about the work of what changed); the first
+            # one at 10,000 services takes a second or two: off the loop, so /healthz answers.
+            desired = await asyncio.to_thread(desired_state, node_slice, self.settings, self.desired)
             for reason in desired.skipped:
                 log.warning("event=service_skipped node=%s reason=%s", node_slice.node, reason)
             self.desired, self._desired_for = desired, node_slice
@@ -295,7 +301,7 @@ class RealserverApp:
 def _describe_op(op: Op) -> str:
     if isinstance(op, ReplaceTable):
         how = "whole" if op.delta is None else f"delta_bytes={len(op.delta)}"
-        return f"ReplaceTable bytes={len(op.text)} {how}"
+        return f"ReplaceTable digest={op.digest[:12]} {how}"
     if isinstance(op, SetSysctl):
         return f"SetSysctl {op.key[0]}/{op.key[1]}={op.value}"
     if isinstance(op, AddAddress | DeleteAddress):

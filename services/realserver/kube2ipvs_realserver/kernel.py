@@ -11,11 +11,21 @@ a restart of the realserver without any state of ours. IPv4 addresses also get t
 
 What was last applied to nft: the digest of the text is kept in a small state file (default
 under /run, so it goes with a reboot, as the tables do). A restart with unchanged state then
-finds the digest and the chains in place and changes nothing (counters keep counting).
+finds the digest, the chains and the services in place and changes nothing (counters keep
+counting).
 
-Every method blocks (netlink, a subprocess); the app calls them from a worker thread, one at a
+How nft is driven: through libnftables in-process (`kube2ipvs.libnft`). Deltas, which with the
+table layout of `render_nft` are element changes, go through one long-lived context (about 3 ms
+at 10,000 services); whole tables are loaded by a throwaway context, so the big cache of a full
+load does not slow the next small change down. Where libnftables cannot be loaded, the same
+texts go to `nft -f` (a process per change, about 20 ms more). Counters and the `class` map's
+keys are read by netlink dumps (`kube2ipvs.nfsets`), not through nft, whose listing of 80,000
+counter elements takes seconds.
+
+Every method blocks (netlink, libnftables); the app calls them from a worker thread, one at a
 time. With `netns`, everything happens in that network namespace (tests): addresses through
-`IPRoute(netns=...)`, nft through `ip netns exec`, sysctls after `setns` on the calling thread.
+`IPRoute(netns=...)`, sockets and libnftables contexts created after `setns` on the calling
+thread (a socket stays in the namespace it was made in), sysctls likewise.
 """
 
 from __future__ import annotations
@@ -32,6 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from kube2ipvs import libnft
+from kube2ipvs.names import COUNTER_KINDS
+from kube2ipvs.nfsets import SetReader, service_key
+from kube2ipvs.render.nft import CLASS_MAP
 from kube2ipvs_realserver.plan import (
     NFT_FAMILIES,
     OWNED_TABLE,
@@ -45,7 +59,6 @@ from kube2ipvs_realserver.plan import (
     SysctlKey,
     expected_tables,
     host_prefixlen,
-    nft_digest,
 )
 
 log = logging.getLogger("kube2ipvs.realserver")
@@ -56,7 +69,9 @@ _IFNAMSIZ: Final = 15
 DEFAULT_STATE_DIR: Final = "/run/kube2ipvs"
 _DELETE_TABLES: Final = "".join(f"table {f} {OWNED_TABLE}\ndelete table {f} {OWNED_TABLE}\n" for f in NFT_FAMILIES)
 
-Counters = Mapping[str, tuple[int, int]]  # nft counter name -> (packets, bytes)
+ServiceKey = tuple[str, int, str]  # canonical VIP, port, protocol
+# service -> counter kind (pkts_in, syn_in, ...) -> (packets, bytes)
+Counters = Mapping[ServiceKey, Mapping[str, tuple[int, int]]]
 
 
 class KernelError(Exception):
@@ -77,16 +92,26 @@ def label_for(device: str) -> str | None:
 
 
 class LinuxKernel:
-    def __init__(self, *, device: str = "lo", state_file: Path | None = None, netns: str | None = None) -> None:
+    def __init__(self, *, device: str = "lo", state_file: Path | None = None, netns: str | None = None,
+                 use_libnftables: bool = True) -> None:
         self.device = device
         self.netns = netns
         self.state_file = state_file or Path(DEFAULT_STATE_DIR) / f"realserver-{device}.json"
         self._ipr: Any = None
+        self._nft: libnft.Nft | None = None
+        self._use_library = use_libnftables  # False: `nft -f` for everything (the fallback)
+        self._sets: SetReader | None = None
 
     def close(self) -> None:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._nft is not None:
+            self._nft.close()
+            self._nft = None
+        if self._sets is not None:
+            self._sets.close()
+            self._sets = None
 
     # -- addresses --------------------------------------------------------------------------
 
@@ -166,7 +191,7 @@ class LinuxKernel:
 
     # -- nft --------------------------------------------------------------------------------
 
-    def _nft(self, *args: str, stdin: str | None = None) -> str:
+    def _nft_cli(self, *args: str, stdin: str | None = None) -> str:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         try:
             done = subprocess.run([*prefix, "nft", *args], input=stdin, capture_output=True, text=True,
@@ -177,19 +202,70 @@ class LinuxKernel:
             raise KernelError(f"nft {' '.join(args)}: {done.stderr.strip()[:2000]}")
         return done.stdout
 
-    def _nft_json(self, *args: str) -> list[dict[str, Any]]:
-        doc = json.loads(self._nft("-j", *args) or "{}")
+    def _context(self) -> libnft.Nft | None:
+        """The long-lived libnftables context; None where the library cannot be loaded."""
+        if self._nft is None and self._use_library:
+            try:
+                with self._in_netns():
+                    self._nft = libnft.Nft()
+            except libnft.NftError as exc:
+                log.warning("event=libnftables_unavailable fallback=nft-cli error=%s", exc)
+                self._use_library = False
+        return self._nft
+
+    def _nft_apply(self, text: str, *, whole: bool = False) -> None:
+        """Run `text` as one transaction: a delta on the long-lived context, a whole table on a
+        throwaway one (see the module docstring)."""
+        context = self._context()
+        try:
+            if context is None:
+                self._nft_cli("-f", "-", stdin=text)
+            elif whole:
+                with self._in_netns():
+                    libnft.run_once(text)
+            else:
+                context.cmd(text)
+        except libnft.NftError as exc:
+            raise KernelError(f"nft: {str(exc)[:2000]}") from exc
+
+    def _nft_json(self, command: str) -> list[dict[str, Any]]:
+        context = self._context()
+        try:
+            if context is not None:
+                return context.json(command)
+        except libnft.NftError as exc:
+            raise KernelError(f"nft {command}: {exc}") from exc
+        doc = json.loads(self._nft_cli("-j", *command.split()) or "{}")
         items: list[dict[str, Any]] = doc.get("nftables", [])
         return items
 
+    def _set_reader(self) -> SetReader:
+        if self._sets is None:
+            with self._in_netns():
+                self._sets = SetReader()
+        return self._sets
+
+    def _elements(self, family: str, set_name: str) -> list[Any]:
+        try:
+            return self._set_reader().elements(family, OWNED_TABLE, set_name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return []  # the table or set is not there (the chains say which tables are)
+            raise KernelError(f"reading set {family} {OWNED_TABLE} {set_name}: {exc}") from exc
+
     def nft_tables(self) -> NftTables:
-        # One `list chains` of every family (about 12 ms at 1,000 services): `list tables` or
-        # `list table` build nft's whole cache, counters and map elements included, which costs
-        # 100 ms and more. A table without chains therefore counts as absent (see expected_tables).
-        chains = frozenset((c["chain"]["family"], c["chain"]["name"]) for c in self._nft_json("list", "chains")
+        # `list chains` (about 2 ms in-process): `list tables` or `list table` build nft's whole
+        # cache, set elements included, which costs seconds at 10,000 services. A table without
+        # chains therefore counts as absent (see expected_tables). The `class` map's keys come
+        # from a netlink dump.
+        chains = frozenset((c["chain"]["family"], c["chain"]["name"]) for c in self._nft_json("list chains")
                            if "chain" in c and c["chain"]["table"] == OWNED_TABLE
                            and c["chain"]["family"] in NFT_FAMILIES)
-        return NftTables(frozenset(f for f, _ in chains), chains)
+        tables = frozenset(f for f, _ in chains)
+        services = frozenset((family, *key) for family in sorted(tables)
+                             for element in self._elements(family, CLASS_MAP)
+                             if (key := service_key(family, element.key)) is not None)
+        return NftTables(tables, chains, services)
 
     def _applied_digest(self) -> str | None:
         try:
@@ -208,29 +284,31 @@ class LinuxKernel:
         tmp.write_text(json.dumps({"nft_digest": digest}) + "\n")
         os.replace(tmp, self.state_file)
 
-    def replace_table(self, text: str, delta: str | None = None) -> None:
+    def replace_table(self, op: ReplaceTable) -> None:
         self._record_digest(None)  # until the kernel holds it, we do not know what it holds
-        if delta is not None:
+        if op.delta is not None:
             try:
-                if delta:
-                    self._nft("-f", "-", stdin=delta)
-                self._record_digest(nft_digest(text))
+                if op.delta:
+                    self._nft_apply(op.delta)
+                self._record_digest(op.digest)
                 return
             except KernelError as exc:
-                # The table was not what the delta assumed (its commands create, flush and
-                # delete exactly the objects it expects, so the whole transaction failed and
-                # changed nothing): load the whole text instead.
+                # The table was not what the delta assumed (its commands create and delete
+                # exactly the elements it expects, so the whole transaction failed and changed
+                # nothing): load the whole text instead.
                 log.warning("event=delta_refused error=%s", exc)
-        self._nft("-f", "-", stdin=text)
-        self._record_digest(nft_digest(text))
+        self._nft_apply(op.text, whole=True)
+        self._record_digest(op.digest)
 
     def counters(self) -> Counters:
-        found: dict[str, tuple[int, int]] = {}
+        """Every counter of our tables, by service and kind: one netlink dump per counter set."""
+        found: dict[ServiceKey, dict[str, tuple[int, int]]] = {}
         for family in sorted(self.nft_tables().tables):
-            for item in self._nft_json("list", "counters", "table", family, OWNED_TABLE):
-                c = item.get("counter")
-                if c is not None:
-                    found[c["name"]] = (int(c["packets"]), int(c["bytes"]))
+            for kind in COUNTER_KINDS:
+                for element in self._elements(family, kind):
+                    key = service_key(family, element.key)
+                    if key is not None and element.packets is not None:
+                        found.setdefault(key, {})[kind] = (element.packets, element.octets or 0)
         return found
 
     # -- the port ---------------------------------------------------------------------------
@@ -244,9 +322,9 @@ class LinuxKernel:
         if isinstance(op, SetSysctl):
             self._write_sysctl(op.key, op.value)
         elif isinstance(op, ReplaceTable):
-            self.replace_table(op.text, op.delta)
+            self.replace_table(op)
         elif isinstance(op, DeleteTables):
-            self._nft("-f", "-", stdin=_DELETE_TABLES)
+            self._nft_apply(_DELETE_TABLES, whole=True)
             self._record_digest(None)
         elif isinstance(op, AddAddress):
             self._address("add", op.address, op.prefixlen)
@@ -268,7 +346,7 @@ class FakeKernel:
     sysctls: dict[SysctlKey, int] = field(default_factory=dict)
     nft_text: str | None = None  # what our tables hold (None: no tables)
     digest: str | None = None  # the state file
-    counter_values: dict[str, tuple[int, int]] = field(default_factory=dict)
+    counter_values: dict[ServiceKey, dict[str, tuple[int, int]]] = field(default_factory=dict)
     changes: list[Op] = field(default_factory=list)
     fail_next: str | None = None  # the next apply raises KernelError with this message
 
@@ -289,7 +367,7 @@ class FakeKernel:
         elif isinstance(op, ReplaceTable):
             if not op.text.startswith(f"table ip {OWNED_TABLE}\ndelete table ip {OWNED_TABLE}\n"):
                 raise KernelError("nft text does not replace our table")
-            self.nft_text, self.digest = op.text, nft_digest(op.text)
+            self.nft_text, self.digest = op.text, op.digest
         elif isinstance(op, DeleteTables):
             self.nft_text = self.digest = None
         elif isinstance(op, AddAddress):
@@ -305,4 +383,4 @@ class FakeKernel:
         self.changes.append(op)
 
     def counters(self) -> Counters:
-        return dict(self.counter_values)
+        return {key: dict(kinds) for key, kinds in self.counter_values.items()}

@@ -7,27 +7,38 @@ so one `nft -f` run replaces both atomically whatever was there before (the firs
 delete succeed when the table is absent). Replacing the table keeps established connections:
 their NAT bindings live in conntrack, not in the rules. It does reset the counters.
 
-Inside a table (empty when the family has no service with a local endpoint):
+Inside a table (empty when the family has no service with a local endpoint), with K the key
+`VIP . l4proto . port`:
 
-    counter svc_<vip>_<port>_<proto>_<kind>      one per kind of `counter_names`
-    map services    VIP . l4proto . port : goto svc_<vip>_<port>_<proto>
-    map pkts_in, pkts_out, syn_in, synack_out, fin_in, fin_out, rst_in, rst_out
-                    VIP . l4proto . port : counter name (flag maps hold TCP services only)
-    chain prerouting_dnat   nat prerouting (dstnat)   remote clients: vmap @services
-    chain output_dnat       nat output (-100)         local clients:  vmap @services
-    chain svc_<...>         dnat to the local endpoints, each in turn (numgen inc) when several
+    set pkts_in, pkts_out, syn_in, synack_out, fin_in, fin_out, rst_in, rst_out
+                    K, with per-element counters (`counter` flag): one element per service in
+                    each set of its kinds (the TCP flag sets hold TCP services only)
+    map class       K : goto dnat_<N>, N = the service's number of local endpoints
+    map slots_<N>   K . slot : endpoint address . port, slots 0..N-1, one per endpoint
+    chain dnat_<N>  dnat to `K . numgen random mod N` looked up in slots_<N>, so each endpoint
+                    gets 1/N of the new connections; N = 1..64 always exist, larger ones while used
+    chain prerouting_dnat   nat prerouting (dstnat)   remote clients: vmap @class
+    chain output_dnat       nat output (-100)         local clients:  vmap @class
     chain prerouting_count  filter prerouting (raw)   client -> VIP, before conntrack and DNAT,
     chain output_count      filter output (raw)       so the destination is still the VIP
     chain postrouting_count filter postrouting (300)  VIP -> client, after the reply was
     chain input_count       filter input (300)        un-DNATed (srcnat 100), so its source is the VIP
     chain count_in, count_out   the counting rules both pairs of hooks jump to
 
+Why this shape (measured at 10,000 services and 94,000 endpoints, docs/design/realserver-nft-
+layout.md): every change of a service's endpoints is a change of map and set ELEMENTS only, no
+chain or rule is added after the first load, and nft's cache holds a few dozen objects, so one
+endpoint change costs about 3 ms in-process instead of a second. `random`, not `inc`: one
+`numgen inc` counter shared by every service of a class locks services into fixed endpoints.
+
 With `masquerade_exempt`, also `set vips`, `set masquerade_exempt` and a nat postrouting chain
 that masquerades connections DNATed from a VIP unless their source is exempt. It matches the
 connection's conntrack status and original destination, never a packet mark: the original
 system borrowed a mark bit Calico also uses, and connections were reset.
 
-Names are those of `kube2ipvs.names` (readable, derived from VIP, port and protocol only).
+`counter_names` (`kube2ipvs.names`) are the readable per-kind names the iptables rendering
+uses as rule comments; in nft a counter is addressed by its set (the kind) and K.
+
 Everything is sorted by VIP, port and protocol, and endpoints by address and port, so the text
 does not depend on the order of the input.
 """
@@ -40,7 +51,7 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from kube2ipvs.lbconfig import Family, Protocol
-from kube2ipvs.model import PodEndpoint, VirtualService, hostport
+from kube2ipvs.model import PodEndpoint, VirtualService
 from kube2ipvs.names import COUNTER_KINDS, nft_service_name, service_counter_names
 
 TABLE: Final = "kube2ipvs"
@@ -65,7 +76,11 @@ _COUNTER_MATCH: Final[dict[str, tuple[str, str]]] = {
 }
 
 # Base chains: name, hook spec, the one rule. `{ip}` is `ip` or `ip6`.
-_DNAT: Final = "{ip} daddr . meta l4proto . th dport vmap @services"
+CLASS_MAP: Final = "class"
+# Classes 1..FIXED_CLASSES always exist, so a service changing its number of endpoints moves
+# between fixed chains; a larger class is declared while some service needs it.
+FIXED_CLASSES: Final = 64
+_DNAT: Final = "{ip} daddr . meta l4proto . th dport vmap @" + CLASS_MAP
 _BASE_CHAINS: Final = (
     ("prerouting_dnat", "type nat hook prerouting priority dstnat", _DNAT),
     # nft 1.0.6 knows the `dstnat` keyword for prerouting only; -100 is its value.
@@ -137,43 +152,70 @@ def _key(e: DnatEntry) -> str:
     return f"{e.vip} . {e.protocol} . {e.port}"
 
 
-def _dnat_rules(e: DnatEntry) -> list[str]:
-    """Endpoint i of n is taken by a rule holding its own `numgen inc mod (n - i)`, which sees
-    only the connections the rules before it let through and takes every (n - i)th of them:
-    each endpoint gets exactly its turn, 1/n of the connections, without a set per service.
-    (One anonymous `numgen ... map { }` per service is what one would write first, but the
-    kernel's cost of adding anonymous sets grows quadratically with their number: measured on
-    nft 1.0.6 / Linux 6.18, 2,000 services loaded in 0.8 s, 4,000 in 2.4 s (mostly system
-    time) and 10,000 with their counters in about 100 s, against about 4 s this way.)"""
-    # The L4 match is what lets nft accept a port in the DNAT target; the vmap only sends this
-    # protocol here, so it always matches. NAT rules see only a connection's first packet, so
-    # `inc` counts connections.
-    n = len(e.endpoints)
-    rules = []
-    for i, ep in enumerate(e.endpoints):
-        turn = f"numgen inc mod {n - i} == 0 " if i < n - 1 else ""
-        rules.append(f"meta l4proto {e.protocol} {turn}dnat {_NFT_FAMILY[e.family]} to {hostport(ep.address, ep.port)}")
-    return rules
+def dnat_class(e: DnatEntry) -> int:
+    """The class of `e`: its number of endpoints. Class N is one fixed chain `dnat_N` picking
+    one of N slots of the map `slots_N` at random."""
+    return len(e.endpoints)
 
 
-def _map(name: str, key_type: str, value_type: str, elements: Sequence[str]) -> list[str]:
-    lines = [f"\tmap {name} {{", f"\t\ttype {key_type} : {value_type}"]
-    if elements:  # nft rejects an empty `elements = { }`
-        lines.append("\t\telements = {")
-        lines += [f"\t\t\t{el}," for el in elements[:-1]] + [f"\t\t\t{elements[-1]}"]
-        lines.append("\t\t}")
-    lines.append("\t}")
-    return lines
+def classes_of(entries: Iterable[DnatEntry]) -> list[int]:
+    """The classes a table declares: 1..FIXED_CLASSES always, larger ones while in use."""
+    return sorted(set(range(1, FIXED_CLASSES + 1)) | {dnat_class(e) for e in entries})
 
 
-def _set(name: str, key_type: str, elements: Sequence[str], *, interval: bool = False) -> list[str]:
+def class_element(e: DnatEntry) -> str:
+    return f"{_key(e)} : goto {class_chain(dnat_class(e))}"
+
+
+def slot_keys(e: DnatEntry) -> list[str]:
+    key = _key(e)
+    return [f"{key} . {i}" for i in range(len(e.endpoints))]
+
+
+def slot_elements(e: DnatEntry) -> list[str]:
+    """Slot i of the service's N slots holds its i-th endpoint (sorted), so each gets 1/N."""
+    key = _key(e)
+    return [f"{key} . {i} : {ep.address} . {ep.port}" for i, ep in enumerate(e.endpoints)]
+
+
+def class_chain(n: int) -> str:
+    return f"dnat_{n}"
+
+
+def slot_map(n: int) -> str:
+    return f"slots_{n}"
+
+
+def slot_map_declaration(family: Family, n: int) -> str:
+    """The `typeof` of map `slots_N` (nft 1.0.6 accepts a `numgen` in a key only with typeof)."""
+    ip = _NFT_FAMILY[family]
+    return f"typeof {ip} daddr . meta l4proto . th dport . numgen random mod {n} : {ip} daddr . th dport"
+
+
+def class_rules(family: Family, n: int) -> list[str]:
+    """The rules of chain `dnat_N`: one per protocol, because nft accepts a port in a DNAT
+    target only after a transport protocol match (the `class` map sends only TCP or UDP here)."""
+    ip = _NFT_FAMILY[family]
+    return [f"meta l4proto {proto} dnat {ip} to {ip} daddr . meta l4proto . th dport . numgen random mod {n} "
+            f"map @{slot_map(n)}" for proto in ("tcp", "udp")]
+
+
+def _elements(elements: Sequence[str], indent: str = "\t\t") -> list[str]:
+    if not elements:  # nft rejects an empty `elements = { }`
+        return []
+    lines = [f"{indent}elements = {{"]
+    lines += [f"{indent}\t{el}," for el in elements[:-1]] + [f"{indent}\t{elements[-1]}"]
+    return [*lines, f"{indent}}}"]
+
+
+def _map(name: str, declaration: str, elements: Sequence[str]) -> list[str]:
+    return [f"\tmap {name} {{", f"\t\t{declaration}", *_elements(elements), "\t}"]
+
+
+def _set(name: str, key_type: str, elements: Sequence[str], *, flags: Sequence[str] = ()) -> list[str]:
     lines = [f"\tset {name} {{", f"\t\ttype {key_type}"]
-    if interval:
-        lines.append("\t\tflags interval")
-    if elements:
-        lines.append("\t\telements = { " + ", ".join(elements) + " }")
-    lines.append("\t}")
-    return lines
+    lines += [f"\t\t{flag}" for flag in flags]
+    return [*lines, *_elements(elements), "\t}"]
 
 
 def _chain(name: str, rules: Sequence[str], hook: str | None = None) -> list[str]:
@@ -185,24 +227,35 @@ def _chain(name: str, rules: Sequence[str], hook: str | None = None) -> list[str
     return lines
 
 
+def key_type(family: Family) -> str:
+    return f"{_ADDR_TYPE[family]} . inet_proto . inet_service"
+
+
+def counter_kinds(e: DnatEntry) -> tuple[str, ...]:
+    """The counter sets holding `e`: every kind for TCP, the packet kinds for UDP."""
+    return tuple(e.counters)
+
+
 def _table_body(
     family: Family, entries: Sequence[DnatEntry], exempt: Sequence[str] | None
 ) -> list[str]:
     if not entries:
         return []
     ip = _NFT_FAMILY[family]
-    key_type = f"{_ADDR_TYPE[family]} . inet_proto . inet_service"
     blocks: list[list[str]] = []
-    for e in entries:
-        blocks += [[f"\tcounter {name} {{ }}"] for name in e.counters.values()]
-    blocks.append(_map("services", key_type, "verdict", [f"{_key(e)} : goto {e.name}" for e in entries]))
     for kind in COUNTER_KINDS:
-        elements = [f'{_key(e)} : "{e.counters[kind]}"' for e in entries if kind in e.counters]
-        blocks.append(_map(kind, key_type, "counter", elements))
+        blocks.append(_set(kind, key_type(family), [_key(e) for e in entries if kind in e.counters],
+                           flags=("counter",)))
+    blocks.append(_map(CLASS_MAP, f"type {key_type(family)} : verdict", [class_element(e) for e in entries]))
+    by_class: dict[int, list[str]] = {}
+    for e in entries:
+        by_class.setdefault(dnat_class(e), []).extend(slot_elements(e))
+    for n in classes_of(entries):
+        blocks.append(_map(slot_map(n), slot_map_declaration(family, n), by_class.get(n, [])))
     if exempt is not None:
         vips = list(dict.fromkeys(e.vip for e in entries))  # entries are sorted by VIP
         blocks.append(_set("vips", _ADDR_TYPE[family], vips))
-        blocks.append(_set("masquerade_exempt", _ADDR_TYPE[family], exempt, interval=True))
+        blocks.append(_set("masquerade_exempt", _ADDR_TYPE[family], exempt, flags=("flags interval",)))
     for name, hook, rule in _BASE_CHAINS:
         blocks.append(_chain(name, [rule.format(ip=ip)], hook))
     if exempt is not None:
@@ -212,16 +265,22 @@ def _table_body(
             "type nat hook postrouting priority srcnat",
         ))
     for direction in ("in", "out"):
-        rules = [
-            f"{flags}counter name {_KEY[direction].format(ip=ip)} map @{kind}"
-            for kind, (d, flags) in _COUNTER_MATCH.items() if d == direction
-        ]
+        rules = [f"{flags}{_KEY[direction].format(ip=ip)} @{kind}"
+                 for kind, (d, flags) in _COUNTER_MATCH.items() if d == direction]
         blocks.append(_chain(f"count_{direction}", rules))
-    blocks += [_chain(e.name, _dnat_rules(e)) for e in entries]
+    blocks += [_chain(class_chain(n), class_rules(family, n)) for n in classes_of(entries)]
     lines: list[str] = []
     for block in blocks:
         lines += block
     return lines
+
+
+def table_chains(entries: Sequence[DnatEntry], *, masquerade: bool) -> list[str]:
+    """The chains `render_nft` gives a family's table holding `entries` (none when empty)."""
+    if not entries:
+        return []
+    return [*(name for name, _, _ in _BASE_CHAINS), *(["postrouting_masquerade"] if masquerade else []),
+            "count_in", "count_out", *(class_chain(n) for n in classes_of(entries))]
 
 
 def exempt_networks(masquerade_exempt: Sequence[str], family: Family) -> list[str]:
@@ -241,7 +300,11 @@ def render_nft(services: Sequence[VirtualService], *, masquerade_exempt: Sequenc
     `masquerade_exempt=None` (the default) keeps client addresses; a sequence (possibly empty)
     turns on masquerading of VIP traffic from every source outside those CIDRs.
     """
-    entries = dnat_entries(services)
+    return render_entries(dnat_entries(services), masquerade_exempt=masquerade_exempt)
+
+
+def render_entries(entries: Sequence[DnatEntry], *, masquerade_exempt: Sequence[str] | None = None) -> str:
+    """`render_nft` of entries already built with `dnat_entries` (callers that need both)."""
     lines: list[str] = []
     for family in FAMILIES:
         exempt = None if masquerade_exempt is None else exempt_networks(masquerade_exempt, family)
