@@ -58,10 +58,10 @@ from kube2ipvs.names import COUNTER_KINDS, short_hash
 from kube2ipvs.normalize import normalize
 from kube2ipvs.protocol import NodeSlice
 from kube2ipvs.render.nft import TABLE, render_nft
-from kube2ipvs.render.nftdelta import render_nft_delta
+from kube2ipvs.render.nftdelta import render_entries_delta
 from kube2ipvs_realserver.app import RealserverApp
 from kube2ipvs_realserver.kernel import LinuxKernel
-from kube2ipvs_realserver.plan import ReplaceTable, Settings
+from kube2ipvs_realserver.plan import ReplaceTable, Settings, desired_state
 
 PREFIX: Final = f"k2i-bench-rs{os.getpid()}-"
 NODE: Final = "node-bench"
@@ -194,12 +194,17 @@ def incremental(
     share: Sequence[VirtualService], changes: int, seed: int, apply: Callable[[str], None]
 ) -> tuple[dict[str, float], dict[str, float], list[VirtualService]]:
     """Apply `changes` one-endpoint deltas; timings of computing them and of applying them, and the
-    share as it ends."""
+    share as it ends. The delta is computed as the realserver does: its desired state built from
+    the previous one, then `render_entries_delta` of the two."""
     compute, applied = [], []
     final = list(share)
-    for old, new in one_endpoint_changes(share, changes, random.Random(seed)):
+    vips = tuple(dict.fromkeys(vs.vip for vs in share))
+    previous = desired_state(NodeSlice(NODE, vips, tuple(share)), Settings())
+    for _, new in one_endpoint_changes(share, changes, random.Random(seed)):
         t0 = time.perf_counter()
-        text = render_nft_delta(old, new)
+        desired = desired_state(NodeSlice(NODE, vips, tuple(new)), Settings(), previous)
+        text = render_entries_delta(previous.entries, desired.entries)
+        previous = desired
         t1 = time.perf_counter()
         apply(text)
         t2 = time.perf_counter()
@@ -329,7 +334,7 @@ def summarize(results: dict[str, Any]) -> list[str]:
     rows = [("render_nft (Python)", "render_nft"),
             ("(a) full apply, libnftables", "full_apply_libnftables"),
             ("(a) full apply, nft -f", "full_apply_nft_f"),
-            ("delta computed (Python)", "delta_compute_python"),
+            ("delta computed (Python, incremental state)", "delta_compute_python"),
             ("(b) one endpoint, libnftables", "incremental_libnftables"),
             ("(b) one endpoint, nft -f", "incremental_nft_f"),
             ("(b2) one endpoint, whole reconcile", "realserver_reconcile"),

@@ -142,6 +142,7 @@ def test_kernel_counters_become_labelled_series_that_go_with_their_service() -> 
                              ("192.0.2.11", 80, "tcp"): {"rst_out": (2, 80)},
                              ("192.0.2.99", 80, "tcp"): {"rst_out": (7, 80)}}  # not in the slice
     asyncio.run(app.reconcile_once())
+    asyncio.run(app.read_counters())
     text = generate_latest(app.registry).decode()
     labels = 'namespace="shop",port="80",port_name="http",protocol="tcp",service="web"'
     assert (f'kube2ipvs_realserver_tcp_flags_total{{direction="in",flag="syn",{labels},vip="192.0.2.10"}} 5.0'

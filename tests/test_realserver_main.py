@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_the_address_label_is_left_out_where_the_device_name_is_too_long_for_it(
     assert label_for("verylongname") is None
 
 
-def test_a_burst_of_slices_reads_the_counters_once_per_interval() -> None:
+def test_reconciles_never_read_the_counters_their_own_task_does_once_per_interval() -> None:
     class CountingKernel(FakeKernel):
         reads = 0
 
@@ -52,12 +53,18 @@ def test_a_burst_of_slices_reads_the_counters_once_per_interval() -> None:
             return {}
 
     kernel = CountingKernel()
-    app = RealserverApp(kernel, source=None, app_settings=AppSettings(counters_interval=60))
+    app = RealserverApp(kernel, source=None, app_settings=AppSettings(counters_interval=0.2, resync_interval=60))
 
     async def burst() -> None:
         for port in range(80, 85):
             app.offer(node_slice(("192.0.2.10", port)))
             await app.reconcile_once()
+        assert kernel.reads == 0  # a reconcile at 10,000 services must not wait ~2 s for them
+        task = asyncio.create_task(app.run())
+        await asyncio.sleep(0.5)  # reads at 0, 0.2 and 0.4 s
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     asyncio.run(burst())
-    assert kernel.reads == 1
+    assert kernel.reads == 3

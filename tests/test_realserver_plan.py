@@ -26,6 +26,7 @@ from kube2ipvs_realserver.plan import (
     cleanup_plan,
     desired_state,
     expected_tables,
+    observed_after,
     plan,
     wrong_sysctls,
 )
@@ -141,8 +142,9 @@ def test_a_chain_deleted_by_hand_is_replaced() -> None:
 def test_a_service_deleted_by_hand_from_the_class_map_is_replaced() -> None:
     d = desired_state(node_slice(("192.0.2.10", 80), ("192.0.2.11", 80)), SETTINGS)
     tables = expected_tables(d.nft)
-    assert tables.services == {("ip", "192.0.2.10", 80, "tcp"), ("ip", "192.0.2.11", 80, "tcp")}
-    damaged = replace(tables, services=tables.services - {("ip", "192.0.2.11", 80, "tcp")})
+    assert tables.services is not None
+    assert tables.services == {("192.0.2.10", 80, "tcp"), ("192.0.2.11", 80, "tcp")}
+    damaged = replace(tables, services=tables.services - {("192.0.2.11", 80, "tcp")})
     assert plan(d, replace(converged(d), nft=damaged), applied=d) == [ReplaceTable(d.nft_digest)]
 
 
@@ -156,6 +158,14 @@ def test_the_tables_expected_from_the_entries_are_those_the_text_makes(state: Cl
     d = desired_state(NodeSlice("node-a", state.vips, services), replace(SETTINGS, masquerade_exempt=masquerade))
     assert d.nft_tables == expected_tables(d.nft)
     assert ("ip", "dnat_70") in d.nft_tables.chains
+
+
+def test_the_kernel_after_the_ops_is_what_observing_it_again_would_show() -> None:
+    before = desired_state(node_slice(("192.0.2.10", 80), ("192.0.2.11", 80)), SETTINGS)
+    after = desired_state(node_slice(("192.0.2.10", 80), ("2001:db8::10", 80)), SETTINGS, before)
+    observed = replace(converged(before), sysctls={**converged(before).sysctls, ("lo", "arp_ignore"): 0})
+    ops = plan(after, observed, applied=before)
+    assert observed_after(observed, ops, after) == replace(converged(after), nft=replace(after.nft_tables))
 
 
 def test_a_sysctl_changed_by_hand_is_set_back_and_reported_until_then() -> None:

@@ -295,3 +295,26 @@ def test_no_rule_holds_an_anonymous_set_or_an_endpoint_so_changes_are_element_up
             for vs in mine:
                 for b in vs.backends:
                     assert not any(ep.address in rule for ep in b.endpoints for rule in rules)
+
+
+def test_a_vip_mtu_clamps_the_tcp_mss_of_its_connections_both_ways() -> None:
+    small = replace(virtual_service("192.0.2.10", 80), mtu=1400)
+    also = replace(virtual_service("192.0.2.10", 443), mtu=1400)
+    v6 = replace(virtual_service("2001:db8::10", 80, endpoints=[("2001:db8:1:1::2", 8080)]), mtu=1500)
+    text = render_nft([small, also, v6, virtual_service("192.0.2.11", 80)])
+    ip, ip6 = tables(text)["ip"], tables(text)["ip6"]
+    assert set_elements(ip, "mss_clamp") == ["192.0.2.10 . 1361-65535"]  # advertised sizes above 1400 - 40
+    assert map_elements(ip, "mss") == ["192.0.2.10 : 1360"]
+    assert map_elements(ip6, "mss") == ["2001:db8::10 : 1440"]  # IPv6 headers take 60
+    assert chains(ip)["prerouting_mss"] == [
+        "type filter hook prerouting priority mangle; policy accept;",
+        "tcp flags & (syn | rst) == syn ip daddr . tcp option maxseg size @mss_clamp "
+        "tcp option maxseg size set ip daddr map @mss",
+    ]
+    assert chains(ip)["postrouting_mss"][1].startswith("tcp flags & (syn | ack | rst) == syn | ack ip saddr . ")
+
+
+def test_without_an_mtu_nothing_is_clamped() -> None:
+    body = tables(render_nft([virtual_service("192.0.2.10", 80)]))["ip"]
+    assert set_elements(body, "mss_clamp") == []
+    assert map_elements(body, "mss") == []

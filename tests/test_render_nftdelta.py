@@ -182,3 +182,14 @@ def test_the_entries_delta_compares_only_the_keys_it_is_told_may_have_changed() 
     old, new = entries_by_key(dnat_entries([A, DNS])), entries_by_key(dnat_entries([A1, DNS]))
     assert render_entries_delta(old, new) == render_nft_delta([A, DNS], [A1, DNS])
     assert render_entries_delta(old, new, changed=[("192.0.2.1", 53, "udp")]) == ""
+
+
+def test_a_vip_mtu_change_replaces_its_mss_elements_and_keeps_the_rest_element_only() -> None:
+    small = replace(A, mtu=1400)
+    text = lines(render_nft_delta([A, DNS], [small, replace(DNS, mtu=1400)]))
+    assert all(" element " in line for line in text)
+    assert "create element ip kube2ipvs mss_clamp { 192.0.2.1 . 1361-65535 }" in text
+    assert "create element ip kube2ipvs mss { 192.0.2.1 : 1360 }" in text
+    back = lines(render_nft_delta([small, replace(DNS, mtu=1400)], [A, DNS]))
+    assert back[0] == "delete element ip kube2ipvs mss_clamp { 192.0.2.1 . 1361-65535 }"
+    assert back[1] == "delete element ip kube2ipvs mss { 192.0.2.1 }"

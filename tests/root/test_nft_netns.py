@@ -165,3 +165,27 @@ def test_an_ipv6_vip_reaches_both_pods_and_is_counted(dataplane: Dataplane) -> N
     assert {a.split()[1] for a in answers} == {CLIENT6}
     counts = wait_for(lambda: nft_counts(dataplane, vs), lambda c: c["fin_out"] >= 20)
     assert (counts["syn_in"], counts["synack_out"], counts["fin_out"]) == (20, 20, 20)
+
+
+MSS_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))  # the MSS the pod's SYN-ACK allowed
+s.close()
+"""
+
+
+
+def test_a_vip_mtu_clamps_the_mss_both_ways_and_a_vip_without_keeps_the_links(dataplane: Dataplane) -> None:
+    from dataclasses import replace
+
+    clamped = replace(web(), mtu=1280)  # the MTU is the VIP's: every port of it is clamped
+    plain = web(vip=VIP6)
+    apply(dataplane, [clamped, replace(web(port=81), mtu=1280), plain])
+    # The client's view: the SYN-ACK from the VIP offered at most 1280 - 40 (TCP_MAXSEG is that
+    # less the 12 bytes of timestamps).
+    for port in (PORT, 81):
+        assert int(dataplane.client.exec(sys.executable, "-c", MSS_CLIENT, VIP, str(port)).strip()) <= 1240
+    assert int(dataplane.client.exec(sys.executable, "-c", MSS_CLIENT, VIP6, str(PORT)).strip()) > 1240  # MTU 1500
+    answers = dataplane.curl(f"http://{VIP}:{PORT}/", 4)  # and connections still complete
+    assert all(a.split()[0] in ("pod1", "pod2") for a in answers)

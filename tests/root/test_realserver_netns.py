@@ -288,7 +288,7 @@ def test_n_connections_show_as_n_syns_in_the_metrics(topology: Topology, kernel:
     syn = f'kube2ipvs_realserver_tcp_flags_total{{direction="in",flag="syn",namespace="shop",port="{PORT}",'
 
     def scraped() -> str:
-        reconcile(app)
+        asyncio.run(app.read_counters())
         return generate_latest(app.registry).decode()
 
     text = wait_for(scraped, lambda t: f'{syn}port_name="http",protocol="tcp",service="web",vip="{VIP}"}} 5.0' in t)
@@ -370,7 +370,7 @@ def test_udp_on_the_same_vip_and_port_reaches_both_pods_and_is_counted(
     answers = topology.client.exec(sys.executable, "-c", UDP_CLIENT, VIP, str(PORT), "20").split()
     assert set(answers[::2]) == {"pod1", "pod2"}
     assert set(answers[1::2]) == {"203.0.113.2"}  # the client's own address: no masquerade
-    reconcile(app)
+    asyncio.run(app.read_counters())
     text = generate_latest(app.registry).decode()
     assert ('kube2ipvs_realserver_packets_total{direction="in",namespace="shop",port="8080",port_name="http",'
             f'protocol="udp",service="web",vip="{VIP}"}} 20.0') in text

@@ -46,6 +46,8 @@ from kube2ipvs import libnft
 from kube2ipvs.names import COUNTER_KINDS
 from kube2ipvs.nfsets import SetReader, service_key
 from kube2ipvs.render.nft import CLASS_MAP
+from kube2ipvs.vipaddrs import AddressError, VipAddresses
+from kube2ipvs.vipaddrs import label_for as label_for  # noqa: PLC0414 (re-exported: main and tests use it)
 from kube2ipvs_realserver.plan import (
     NFT_FAMILIES,
     OWNED_TABLE,
@@ -63,9 +65,6 @@ from kube2ipvs_realserver.plan import (
 
 log = logging.getLogger("kube2ipvs.realserver")
 
-ADDRESS_PROTO: Final = 149  # IFA_PROTO of our addresses; 0-3 are the kernel's own
-LABEL_SUFFIX: Final = ":k2i"
-_IFNAMSIZ: Final = 15
 DEFAULT_STATE_DIR: Final = "/run/kube2ipvs"
 _DELETE_TABLES: Final = "".join(f"table {f} {OWNED_TABLE}\ndelete table {f} {OWNED_TABLE}\n" for f in NFT_FAMILIES)
 
@@ -86,11 +85,6 @@ class Kernel(Protocol):
     def counters(self) -> Counters: ...
 
 
-def label_for(device: str) -> str | None:
-    label = device + LABEL_SUFFIX
-    return label if len(label) <= _IFNAMSIZ else None
-
-
 class LinuxKernel:
     def __init__(self, *, device: str = "lo", state_file: Path | None = None, netns: str | None = None,
                  use_libnftables: bool = True) -> None:
@@ -101,6 +95,7 @@ class LinuxKernel:
         self._nft: libnft.Nft | None = None
         self._use_library = use_libnftables  # False: `nft -f` for everything (the fallback)
         self._sets: SetReader | None = None
+        self._counter_sets: SetReader | None = None  # counters() runs in a thread of its own
 
     def close(self) -> None:
         if self._ipr is not None:
@@ -109,52 +104,36 @@ class LinuxKernel:
         if self._nft is not None:
             self._nft.close()
             self._nft = None
-        if self._sets is not None:
-            self._sets.close()
-            self._sets = None
+        for reader in (self._sets, self._counter_sets):
+            if reader is not None:
+                reader.close()
+        self._sets = self._counter_sets = None
 
     # -- addresses --------------------------------------------------------------------------
 
-    def _iproute(self) -> Any:
+    def _iproute(self) -> VipAddresses:
+        """Our addresses on the device (the `kube2ipvs.vipaddrs` adapter, its socket opened lazily)."""
         if self._ipr is None:
-            from pyroute2 import IPRoute
-
-            # flags=0: a missing namespace is an error, not silently created (pyroute2's default).
-            self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
-        return self._ipr
-
-    def _index(self) -> int:
-        found = self._iproute().link_lookup(ifname=self.device)
-        if not found:
-            raise KernelError(f"no device {self.device}")
-        return int(found[0])
+            self._ipr = VipAddresses(self.device, netns=self.netns)
+        vips: VipAddresses = self._ipr
+        return vips
 
     def addresses(self) -> tuple[frozenset[str], frozenset[str]]:
         """(ours, foreign) addresses on the device."""
-        ours: set[str] = set()
-        foreign: set[str] = set()
-        for msg in self._iproute().get_addr(index=self._index()):
-            address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-            if address is None:
-                continue
-            text = str(ipaddress.ip_address(address.split("%")[0]))
-            (ours if msg.get("IFA_PROTO") == ADDRESS_PROTO else foreign).add(text)
-        return frozenset(ours), frozenset(foreign - ours)
+        try:
+            return self._iproute().addresses()
+        except AddressError as exc:
+            raise KernelError(str(exc)) from exc
 
     def _address(self, command: str, address: str, prefixlen: int) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        extra: dict[str, Any] = {"proto": ADDRESS_PROTO} if command == "add" else {}
-        if command == "add" and ":" not in address and (label := label_for(self.device)) is not None:
-            extra["label"] = label
+        vips = self._iproute()
         try:
-            self._iproute().addr(command, index=self._index(), address=address, prefixlen=prefixlen, **extra)
-        except NetlinkError as exc:
-            if command == "add" and exc.code == errno.EEXIST:
-                return  # already there: converged
-            if command == "del" and exc.code in (errno.EADDRNOTAVAIL, errno.ENOENT):
-                return  # already gone: converged
-            raise KernelError(f"addr {command} {address}/{prefixlen} dev {self.device}: {exc}") from exc
+            if command == "add":
+                vips.add(address, prefixlen)
+            else:
+                vips.delete(address, prefixlen)
+        except AddressError as exc:
+            raise KernelError(str(exc)) from exc
 
     # -- sysctls ----------------------------------------------------------------------------
 
@@ -262,10 +241,9 @@ class LinuxKernel:
                            if "chain" in c and c["chain"]["table"] == OWNED_TABLE
                            and c["chain"]["family"] in NFT_FAMILIES)
         tables = frozenset(f for f, _ in chains)
-        services = frozenset((family, *key) for family in sorted(tables)
-                             for element in self._elements(family, CLASS_MAP)
-                             if (key := service_key(family, element.key)) is not None)
-        return NftTables(tables, chains, services)
+        keys = frozenset(key for family in sorted(tables) for element in self._elements(family, CLASS_MAP)
+                         if (key := service_key(family, element.key)) is not None)
+        return NftTables(tables, chains, keys)
 
     def _applied_digest(self) -> str | None:
         try:
@@ -301,11 +279,24 @@ class LinuxKernel:
         self._record_digest(op.digest)
 
     def counters(self) -> Counters:
-        """Every counter of our tables, by service and kind: one netlink dump per counter set."""
+        """Every counter of our tables, by service and kind: one netlink dump per counter set.
+
+        Safe to call from another thread while a reconcile runs: it uses a socket of its own and
+        nothing else of this object (a family without our table or set reads as empty)."""
+        if self._counter_sets is None:
+            with self._in_netns():
+                self._counter_sets = SetReader()
+        reader = self._counter_sets
         found: dict[ServiceKey, dict[str, tuple[int, int]]] = {}
-        for family in sorted(self.nft_tables().tables):
+        for family in NFT_FAMILIES:
             for kind in COUNTER_KINDS:
-                for element in self._elements(family, kind):
+                try:
+                    elements = reader.elements(family, OWNED_TABLE, kind)
+                except OSError as exc:
+                    if exc.errno == errno.ENOENT:
+                        break  # no table (or no such set) in this family
+                    raise KernelError(f"reading set {family} {OWNED_TABLE} {kind}: {exc}") from exc
+                for element in elements:
                     key = service_key(family, element.key)
                     if key is not None and element.packets is not None:
                         found.setdefault(key, {})[kind] = (element.packets, element.octets or 0)

@@ -23,21 +23,22 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, TypeVar
 
 from kube2ipvs.model import VirtualService
 from kube2ipvs.protocol import NodeSlice
-from kube2ipvs.render.nft import TABLE, DnatEntry, dnat_entries, render_entries, table_chains
+from kube2ipvs.render.nft import TABLE, DnatEntry, dnat_entries, render_entries, table_chains_of_classes
 from kube2ipvs.render.nftdelta import EntryKey, entry_order, render_entries_delta
 
 SysctlKey: TypeAlias = tuple[str, str]  # (device, name) under net/ipv4/conf
 NftChains: TypeAlias = frozenset[tuple[str, str]]  # (nft family, chain name) of our tables
-# (nft family, VIP, port, protocol): the keys of the tables' `class` maps, the services DNATed
-NftServices: TypeAlias = frozenset[tuple[str, str, int, str]]
+# (VIP, port, protocol): the keys of the tables' `class` maps, the services DNATed
+NftServices: TypeAlias = frozenset[tuple[str, int, str]]
 
 OWNED_TABLE: Final = TABLE
 # The table layout `render_nft` writes; part of the content digest, so a state file written for
@@ -90,9 +91,24 @@ class Desired:
     nft_digest: str = ""  # of the table's content (`content_digest`), kept in the adapter's state file
     nft_tables: NftTables = field(default_factory=NftTables)
     masquerade_exempt: tuple[str, ...] | None = None  # what the table is rendered with
-    # For the next incremental build: the services of each identity, and each entry's hash.
-    groups: Mapping[EntryKey, tuple[VirtualService, ...]] = field(default_factory=dict, repr=False)
-    entry_hashes: Mapping[EntryKey, int] = field(default_factory=dict, repr=False)
+    # For the next incremental build (`desired_state`): every service of the slice by id() (the
+    # objects are held here, so their ids stay theirs) with its identity, or None when skipped
+    # and the reason; the services of each identity; each entry's hash and their sum.
+    members: Mapping[int, tuple[EntryKey | None, VirtualService]] = field(default_factory=dict, repr=False,
+                                                                           compare=False)
+    skip_reasons: Mapping[int, str] = field(default_factory=dict, repr=False, compare=False)
+    groups: Mapping[EntryKey, tuple[VirtualService, ...]] = field(default_factory=dict, repr=False, compare=False)
+    entry_hashes: Mapping[EntryKey, int] = field(default_factory=dict, repr=False, compare=False)
+    hash_total: int = field(default=0, repr=False, compare=False)
+    ipip_services: int = field(default=0, repr=False, compare=False)
+    # Entries by (family, number of endpoints), and by VIP: the table's chains and VIPs follow.
+    class_counts: Mapping[tuple[int, int], int] = field(default_factory=dict, repr=False, compare=False)
+    vip_counts: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
+    # What changed since the Desired this one was built from (`base`, by serial): the planner
+    # then computes the delta from those keys alone.
+    serial: int = field(default=0, compare=False)
+    base: int | None = field(default=None, compare=False)
+    changed: frozenset[EntryKey] = field(default=frozenset(), repr=False, compare=False)
 
     @cached_property
     def nft(self) -> str:
@@ -168,22 +184,31 @@ def expected_tables(text: str) -> NftTables:
     reads it back. The adapter sees tables only through their chains (the cheap read), so an
     empty table counts as absent on both sides."""
     chains: set[tuple[str, str]] = set()
-    services: set[tuple[str, str, int, str]] = set()
+    services: set[tuple[str, int, str]] = set()
     for m in _TABLE_RE.finditer(text):
         chains.update((m[1], name) for name in _CHAIN_RE.findall(m[2]))
         if (cls := _CLASS_MAP_RE.search(m[2])) is not None:
-            services.update((m[1], vip, int(port), proto) for vip, proto, port in _CLASS_ELEMENT_RE.findall(cls[1]))
+            services.update((vip, int(port), proto) for vip, proto, port in _CLASS_ELEMENT_RE.findall(cls[1]))
     return NftTables(frozenset(f for f, _ in chains), frozenset(chains), frozenset(services))
 
 
-def entries_tables(entries: Collection[DnatEntry], *, masquerade: bool) -> NftTables:
-    """`expected_tables(render_entries(entries, ...))`, from the entries (no text to parse)."""
+def entries_tables(entries: Mapping[EntryKey, DnatEntry], *, masquerade: bool,
+                   class_counts: Mapping[tuple[int, int], int] | None = None) -> NftTables:
+    """`expected_tables(render_entries(entries, ...))`, from the entries (no text to parse).
+    `class_counts`: the entries by (family, endpoint count), when the caller keeps them."""
+    if class_counts is None:
+        counted: dict[tuple[int, int], int] = {}
+        for e in entries.values():
+            counted[(e.family, len(e.endpoints))] = counted.get((e.family, len(e.endpoints)), 0) + 1
+        class_counts = counted
     families = {4: "ip", 6: "ip6"}
-    tables = frozenset(families[e.family] for e in entries)
-    chains = frozenset((f, name) for f in tables for name in table_chains(
-        [e for e in entries if families[e.family] == f], masquerade=masquerade))
-    services = frozenset((families[e.family], e.vip, e.port, e.protocol) for e in entries)
-    return NftTables(tables, chains, services)
+    sizes: dict[str, set[int]] = {}
+    for (family, size), count in class_counts.items():
+        if count > 0:
+            sizes.setdefault(families[family], set()).add(size)
+    chains = frozenset((f, name) for f, used in sizes.items()
+                       for name in table_chains_of_classes(used, masquerade=masquerade))
+    return NftTables(frozenset(sizes), chains, frozenset(entries))
 
 
 def desired_sysctls(settings: Settings, *, ipip: bool = False) -> dict[SysctlKey, int]:
@@ -205,63 +230,109 @@ def _canonical(vip: str) -> tuple[str, int] | None:
 
 
 def _entry_hash(e: DnatEntry) -> int:
-    text = f"{e.vip} {e.port} {e.protocol} " + " ".join(f"{ep.address}/{ep.port}" for ep in e.endpoints)
+    text = f"{e.vip} {e.port} {e.protocol} {e.mtu} " + " ".join(f"{ep.address}/{ep.port}" for ep in e.endpoints)
     return int.from_bytes(hashlib.sha256(text.encode()).digest(), "big")
 
 
-def content_digest(entry_hashes: Iterable[int], masquerade_exempt: tuple[str, ...] | None) -> str:
-    """The table's identity: a hash of the multiset of its entries (a sum of their hashes, so it
+def content_digest(hash_total: int, masquerade_exempt: tuple[str, ...] | None) -> str:
+    """The table's identity: a hash of the multiset of its entries (the sum of their hashes, so it
     is updated without sorting anything) and of the masquerade setting; with the layout version,
     so a table of another layout never counts as ours-and-current."""
-    total = sum(entry_hashes) % (1 << 256)
+    total = hash_total % (1 << 256)
     return hashlib.sha256(f"{NFT_LAYOUT} {masquerade_exempt!r} {total:064x}".encode()).hexdigest()
+
+
+_serials = itertools.count(1)
+K = TypeVar("K")
+
+
+def _bump(counts: dict[K, int], key: K, step: int) -> None:
+    left = counts.get(key, 0) + step
+    if left:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
+def _skip_reason(vs: VirtualService) -> tuple[EntryKey | None, str]:
+    canonical = _canonical(vs.vip)
+    if canonical is None:
+        return None, f"{vs.vip}:{vs.port}/{vs.protocol}: VIP is not an IP address"
+    if canonical[1] != vs.family:
+        return None, f"{vs.vip}:{vs.port}/{vs.protocol}: VIP is not an IPv{vs.family} address"
+    return (canonical[0], vs.port, vs.protocol), ""
 
 
 def desired_state(node_slice: NodeSlice, settings: Settings, previous: Desired | None = None) -> Desired:
     """What the kernel should hold for this slice. Never raises on a bad service: it is skipped.
 
-    With `previous` (built with the same settings), the DNAT entry of each identity whose
-    services are the very objects they were (the NATS subscriber keeps unchanged ones) is taken
-    over as it is: the cost is a pass over the services plus the work of what changed.
+    Built from `previous` (when given and rendered with the same masquerade setting): the
+    services of the slice are compared with the previous slice's by identity (the NATS subscriber
+    hands unchanged services over as the same objects), and only the identities (VIP, port,
+    protocol) of services that came or went get their entries built again. So a one-endpoint
+    change costs a few set operations over the services plus the work of that one service.
     """
-    reuse = previous if previous is not None and previous.masquerade_exempt == settings.masquerade_exempt else None
-    groups: dict[EntryKey, list[VirtualService]] = {}
-    services: list[VirtualService] = []
-    skipped: list[str] = []
-    ipip = False
-    for vs in node_slice.services:
-        canonical = _canonical(vs.vip)
-        if canonical is None:
-            skipped.append(f"{vs.vip}:{vs.port}/{vs.protocol}: VIP is not an IP address")
+    base = previous if previous is not None and previous.masquerade_exempt == settings.masquerade_exempt else None
+    members = dict(base.members) if base is not None else {}
+    skips = dict(base.skip_reasons) if base is not None else {}
+    groups = dict(base.groups) if base is not None else {}
+    entries = dict(base.entries) if base is not None else {}
+    hashes = dict(base.entry_hashes) if base is not None else {}
+    total = base.hash_total if base is not None else 0
+    ipip = base.ipip_services if base is not None else 0
+    classes = dict(base.class_counts) if base is not None else {}
+    vips = dict(base.vip_counts) if base is not None else {}
+
+    def count(e: DnatEntry, step: int) -> None:
+        _bump(classes, (e.family, len(e.endpoints)), step)
+        _bump(vips, e.vip, step)
+
+    incoming = {id(vs): vs for vs in node_slice.services}
+    gone = [i for i in members if i not in incoming]
+    came = [vs for i, vs in incoming.items() if i not in members]
+    affected: dict[EntryKey, list[VirtualService]] = {}
+    gone_ids = set(gone)
+    for i in gone:
+        key, vs = members.pop(i)
+        skips.pop(i, None)
+        ipip -= vs.forwarding == "i"
+        if key is not None:
+            affected.setdefault(key, [])
+    for vs in came:
+        key, reason = _skip_reason(vs)
+        members[id(vs)] = (key, vs)
+        if key is None:
+            skips[id(vs)] = reason
             continue
-        if canonical[1] != vs.family:
-            skipped.append(f"{vs.vip}:{vs.port}/{vs.protocol}: VIP is not an IPv{vs.family} address")
-            continue
-        services.append(vs)
-        ipip = ipip or vs.forwarding == "i"
-        groups.setdefault((canonical[0], vs.port, vs.protocol), []).append(vs)
-    entries: dict[EntryKey, DnatEntry] = {}
-    hashes: dict[EntryKey, int] = {}
-    frozen_groups: dict[EntryKey, tuple[VirtualService, ...]] = {}
-    for key, group in groups.items():
-        members = frozen_groups[key] = tuple(group)
-        if reuse is not None:
-            before = reuse.groups.get(key)
-            if before is not None and len(before) == len(members) and all(
-                    a is b for a, b in zip(before, members, strict=True)):
-                if key in reuse.entries:
-                    entries[key], hashes[key] = reuse.entries[key], reuse.entry_hashes[key]
-                continue
-        for e in dnat_entries(members):  # one entry, or none when no endpoint is of the VIP's family
+        ipip += vs.forwarding == "i"
+        affected.setdefault(key, []).append(vs)
+    for key, arriving in affected.items():
+        group = tuple(vs for vs in groups.get(key, ()) if id(vs) not in gone_ids) + tuple(arriving)
+        if group:
+            groups[key] = group
+        else:
+            groups.pop(key, None)
+        total -= hashes.pop(key, 0)
+        if (old := entries.pop(key, None)) is not None:
+            count(old, -1)
+        for e in dnat_entries(group):  # one entry, or none when no endpoint is of the VIP's family
             entries[key], hashes[key] = e, _entry_hash(e)
+            total += hashes[key]
+            count(e, +1)
+    services = tuple(node_slice.services) if not skips else \
+        tuple(vs for vs in node_slice.services if members[id(vs)][0] is not None)
     # A VIP is held only while some service of it DNATs here: an address without rules would
     # accept the director's packets and answer them with RSTs from the node itself.
-    served = frozenset(e.vip for e in entries.values())
+    served = base.vips if base is not None and not affected else frozenset(vips)
+    tables = base.nft_tables if base is not None and not affected else \
+        entries_tables(entries, masquerade=settings.masquerade_exempt is not None, class_counts=classes)
     return Desired(
-        vips=served, sysctls=desired_sysctls(settings, ipip=ipip), services=tuple(services), entries=entries,
-        skipped=tuple(skipped), nft_digest=content_digest(hashes.values(), settings.masquerade_exempt),
-        nft_tables=entries_tables(entries.values(), masquerade=settings.masquerade_exempt is not None),
-        masquerade_exempt=settings.masquerade_exempt, groups=frozen_groups, entry_hashes=hashes,
+        vips=served, sysctls=desired_sysctls(settings, ipip=ipip > 0), services=services, entries=entries,
+        skipped=tuple(skips.values()), nft_digest=content_digest(total, settings.masquerade_exempt),
+        nft_tables=tables, masquerade_exempt=settings.masquerade_exempt, members=members, skip_reasons=skips,
+        groups=groups, entry_hashes=hashes, hash_total=total, ipip_services=ipip, class_counts=classes,
+        vip_counts=vips, serial=next(_serials),
+        base=base.serial if base is not None else None, changed=frozenset(affected),
     )
 
 
@@ -287,9 +358,12 @@ def plan(desired: Desired, observed: Observed, *, applied: Desired | None = None
                      if key in observed.sysctls and observed.sysctls[key] not in (value, None)]
     if observed.nft_digest != desired.nft_digest or observed.nft != desired.nft_tables:
         delta = None
-        if applied is not None and observed.nft_digest == applied.nft_digest and observed.nft == applied.nft_tables \
-                and applied.masquerade_exempt == desired.masquerade_exempt:
-            delta = render_entries_delta(applied.entries, desired.entries, masquerade_exempt=desired.masquerade_exempt)
+        still_applied = applied is not None and observed.nft_digest == applied.nft_digest \
+            and observed.nft == applied.nft_tables and applied.masquerade_exempt == desired.masquerade_exempt
+        if applied is not None and still_applied:
+            changed = desired.changed if desired.base == applied.serial else None  # None: compare every key
+            delta = render_entries_delta(applied.entries, desired.entries, masquerade_exempt=desired.masquerade_exempt,
+                                         changed=changed)
         ops.append(ReplaceTable(desired.nft_digest, delta, desired.render))
     # A desired VIP that someone else already put on the device is left alone: it works as it
     # is, and taking it over would make us delete it later.
@@ -297,6 +371,25 @@ def plan(desired: Desired, observed: Observed, *, applied: Desired | None = None
     ops += [AddAddress(a, host_prefixlen(a)) for a in sorted(missing, key=_address_order)]
     ops += [DeleteAddress(a, host_prefixlen(a)) for a in sorted(observed.ours - desired.vips, key=_address_order)]
     return ops
+
+
+def observed_after(observed: Observed, ops: Iterable[Op], desired: Desired) -> Observed:
+    """What observing the kernel again would show after `ops` (planned for `desired`) all
+    succeeded; saves a second read of the kernel on the path of each change."""
+    ours, sysctls = set(observed.ours), dict(observed.sysctls)
+    nft_digest, nft = observed.nft_digest, observed.nft
+    for op in ops:
+        if isinstance(op, SetSysctl):
+            sysctls[op.key] = op.value
+        elif isinstance(op, ReplaceTable):
+            nft_digest, nft = op.digest, desired.nft_tables
+        elif isinstance(op, DeleteTables):
+            nft_digest, nft = None, NftTables()
+        elif isinstance(op, AddAddress):
+            ours.add(op.address)
+        else:
+            ours.discard(op.address)
+    return replace(observed, ours=frozenset(ours), nft_digest=nft_digest, nft=nft, sysctls=sysctls)
 
 
 def cleanup_plan(observed: Observed) -> list[Op]:

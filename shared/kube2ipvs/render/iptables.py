@@ -11,6 +11,7 @@ restoring it replaces those tables whole; where other software keeps rules in th
     *nat     K2I-SERVICES   (from PREROUTING, OUTPUT) VIP:port -> K2I-SVC-<hash>
              K2I-SVC-<hash> DNAT to the local endpoints, kube-proxy's `statistic random` cascade
              K2I-POSTROUTING (with masquerade_exempt) RETURN for exempt sources, then MASQUERADE
+    *mangle  K2I-MSS        (from PREROUTING, when a VIP has an MTU) TCPMSS clamping, as in nft
 
 `K2I-SVC-` names carry a hash of the service identity (`kube2ipvs.names.iptables_chain_name`:
 iptables allows 28 characters); the jump to each carries the readable nft name as a comment.
@@ -34,12 +35,13 @@ from typing import Final
 from kube2ipvs.lbconfig import Family
 from kube2ipvs.model import VirtualService, hostport
 from kube2ipvs.names import iptables_service_chain
-from kube2ipvs.render.nft import FAMILIES, DnatEntry, dnat_entries, exempt_networks
+from kube2ipvs.render.nft import FAMILIES, DnatEntry, dnat_entries, exempt_networks, mss_of, vip_mtus
 
 COUNT_IN: Final = "K2I-COUNT-IN"
 COUNT_OUT: Final = "K2I-COUNT-OUT"
 SERVICES: Final = "K2I-SERVICES"
 POSTROUTING: Final = "K2I-POSTROUTING"
+MSS: Final = "K2I-MSS"
 
 _BUILTIN: Final[dict[str, tuple[str, ...]]] = {
     "raw": ("PREROUTING", "OUTPUT"),
@@ -138,6 +140,19 @@ def _document(family: Family, entries: Sequence[DnatEntry], exempt: Sequence[str
         nat[SERVICES].append(f"-A {SERVICES} -d {_host(e.vip)} -p {e.protocol} -m {e.protocol} --dport {e.port}"
                              f" {_comment(e.name)} -j {chain}")
         nat[chain] = _dnat_rules(e, chain)
+    if mtus := vip_mtus(entries):
+        # Per-VIP MTU as MSS clamping (see render_nft): at mangle PREROUTING the client's SYN still
+        # goes to the VIP, and the pod's SYN-ACK is a reply of a connection to it.
+        mangle["PREROUTING"] = [f"-A PREROUTING -j {MSS}"]
+        mangle[MSS] = []
+        for vip, mtu in mtus.items():
+            mss = mss_of(vip, mtu)
+            clamp = f"-m tcpmss --mss {mss + 1}:65535 -j TCPMSS --set-mss {mss}"
+            mangle[MSS] += [
+                f"-A {MSS} -d {_host(vip)} -p tcp -m tcp --tcp-flags SYN,RST SYN {clamp}",
+                f"-A {MSS} -p tcp -m tcp --tcp-flags SYN,RST,ACK SYN,ACK -m conntrack --ctorigdst {vip} "
+                f"--ctdir REPLY {clamp}",
+            ]
     if exempt is not None:
         nat["POSTROUTING"] = [f"-A POSTROUTING -j {POSTROUTING}"]
         vips = list(dict.fromkeys(e.vip for e in entries))  # entries are sorted by VIP

@@ -46,7 +46,7 @@ does not depend on the order of the input.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -92,6 +92,21 @@ _BASE_CHAINS: Final = (
 )
 _KEY: Final = {"in": "{ip} daddr . meta l4proto . th dport", "out": "{ip} saddr . meta l4proto . th sport"}
 
+# Per-VIP MTU (mtuConfig) as TCP MSS clamping: the client's SYN (to the VIP, before DNAT) and the
+# pod's SYN-ACK (from the VIP, after un-DNAT) carry an MSS no larger than the VIP's MTU less the
+# IP and TCP headers, so neither side sends a segment that does not fit. Lowered only: a smaller
+# MSS someone advertised stays. Element-only like the rest: `mss_clamp` holds VIP . (MSS+1)-65535
+# (which advertised sizes are too large), `mss` VIP : MSS.
+MSS_OVERHEAD: Final[dict[Family, int]] = {4: 40, 6: 60}
+MSS_CHAINS: Final = (
+    ("prerouting_mss", "type filter hook prerouting priority mangle",
+     "tcp flags & (syn | rst) == syn {ip} daddr . tcp option maxseg size @mss_clamp "
+     "tcp option maxseg size set {ip} daddr map @mss"),
+    ("postrouting_mss", "type filter hook postrouting priority 300",
+     "tcp flags & (syn | ack | rst) == syn | ack {ip} saddr . tcp option maxseg size @mss_clamp "
+     "tcp option maxseg size set {ip} saddr map @mss"),
+)
+
 
 @dataclass(frozen=True, slots=True)
 class DnatEntry:
@@ -104,6 +119,7 @@ class DnatEntry:
     endpoints: tuple[PodEndpoint, ...]
     name: str  # nft_service_name
     counters: Mapping[str, str]  # kind -> counter name, as counter_names gives them
+    mtu: int | None = None  # the VIP's MTU (mtuConfig): TCP MSS of its connections clamped to fit
 
 
 def dnat_entries(services: Iterable[VirtualService]) -> tuple[DnatEntry, ...]:
@@ -115,8 +131,11 @@ def dnat_entries(services: Iterable[VirtualService]) -> tuple[DnatEntry, ...]:
     holds one), so no text of the input reaches the output unparsed.
     """
     merged: dict[tuple[_IP, int, Protocol], set[tuple[_IP, int]]] = {}
+    mtus: dict[_IP, int] = {}
     for vs in services:
         vip = ipaddress.ip_address(vs.vip)
+        if vs.mtu is not None:
+            mtus[vip] = min(vs.mtu, mtus.get(vip, vs.mtu))  # one per VIP in the config; the least if not
         bucket = merged.setdefault((vip, vs.port, vs.protocol), set())
         for backend in vs.backends:
             for ep in backend.endpoints:
@@ -131,7 +150,7 @@ def dnat_entries(services: Iterable[VirtualService]) -> tuple[DnatEntry, ...]:
         text = str(vip)
         entries.append(DnatEntry(
             text, family, port, protocol, tuple(PodEndpoint(str(a), p) for a, p in sorted(eps)),
-            nft_service_name(text, port, protocol), service_counter_names(text, port, protocol),
+            nft_service_name(text, port, protocol), service_counter_names(text, port, protocol), mtus.get(vip),
         ))
     return tuple(entries)
 
@@ -161,6 +180,21 @@ def dnat_class(e: DnatEntry) -> int:
 def classes_of(entries: Iterable[DnatEntry]) -> list[int]:
     """The classes a table declares: 1..FIXED_CLASSES always, larger ones while in use."""
     return sorted(set(range(1, FIXED_CLASSES + 1)) | {dnat_class(e) for e in entries})
+
+
+def vip_mtus(entries: Iterable[DnatEntry]) -> dict[str, int]:
+    """VIP -> MTU of the entries whose VIP has one."""
+    return {e.vip: e.mtu for e in entries if e.mtu is not None}
+
+
+def mss_of(vip: str, mtu: int) -> int:
+    return mtu - MSS_OVERHEAD[6 if ":" in vip else 4]
+
+
+def mss_elements(vip: str, mtu: int) -> tuple[str, str]:
+    """(`mss_clamp` element, `mss` element) of a VIP with this MTU."""
+    mss = mss_of(vip, mtu)
+    return f"{vip} . {mss + 1}-65535", f"{vip} : {mss}"
 
 
 def class_element(e: DnatEntry) -> str:
@@ -252,11 +286,16 @@ def _table_body(
         by_class.setdefault(dnat_class(e), []).extend(slot_elements(e))
     for n in classes_of(entries):
         blocks.append(_map(slot_map(n), slot_map_declaration(family, n), by_class.get(n, [])))
+    mtus = vip_mtus(entries)  # in the entries' order: sorted by VIP
+    blocks.append(["\tset mss_clamp {", f"\t\ttypeof {ip} daddr . tcp option maxseg size", "\t\tflags interval",
+                   *_elements([mss_elements(v, m)[0] for v, m in mtus.items()]), "\t}"])
+    blocks.append(_map("mss", f"typeof {ip} daddr : tcp option maxseg size",
+                       [mss_elements(v, m)[1] for v, m in mtus.items()]))
     if exempt is not None:
         vips = list(dict.fromkeys(e.vip for e in entries))  # entries are sorted by VIP
         blocks.append(_set("vips", _ADDR_TYPE[family], vips))
         blocks.append(_set("masquerade_exempt", _ADDR_TYPE[family], exempt, flags=("flags interval",)))
-    for name, hook, rule in _BASE_CHAINS:
+    for name, hook, rule in (*_BASE_CHAINS, *MSS_CHAINS):
         blocks.append(_chain(name, [rule.format(ip=ip)], hook))
     if exempt is not None:
         blocks.append(_chain(
@@ -275,12 +314,14 @@ def _table_body(
     return lines
 
 
-def table_chains(entries: Sequence[DnatEntry], *, masquerade: bool) -> list[str]:
-    """The chains `render_nft` gives a family's table holding `entries` (none when empty)."""
-    if not entries:
+def table_chains_of_classes(used: Collection[int], *, masquerade: bool) -> list[str]:
+    """The chains `render_nft` gives a family's table whose services have these endpoint counts
+    (none when the table holds no service)."""
+    if not used:
         return []
-    return [*(name for name, _, _ in _BASE_CHAINS), *(["postrouting_masquerade"] if masquerade else []),
-            "count_in", "count_out", *(class_chain(n) for n in classes_of(entries))]
+    classes = sorted(set(range(1, FIXED_CLASSES + 1)) | set(used))
+    return [*(name for name, _, _ in (*_BASE_CHAINS, *MSS_CHAINS)), *(["postrouting_masquerade"] if masquerade else []),
+            "count_in", "count_out", *(class_chain(n) for n in classes)]
 
 
 def exempt_networks(masquerade_exempt: Sequence[str], family: Family) -> list[str]:

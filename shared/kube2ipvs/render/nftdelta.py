@@ -55,6 +55,8 @@ from kube2ipvs.render.nft import (
     dnat_class,
     dnat_entries,
     exempt_networks,
+    mss_elements,
+    mss_of,
     slot_elements,
     slot_keys,
     slot_map,
@@ -98,6 +100,25 @@ def entry_order(e: DnatEntry) -> tuple[int, ipaddress.IPv4Address | ipaddress.IP
     return (e.family, ipaddress.ip_address(e.vip), e.port, e.protocol)  # as dnat_entries sorts
 
 
+def _vip_order(item: tuple[str, int]) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(item[0])
+
+
+def _mss_changes(
+    old: Mapping[EntryKey, DnatEntry], new: Mapping[EntryKey, DnatEntry],
+    before: Sequence[DnatEntry], after: Sequence[DnatEntry],
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(elements to delete, to create) of `mss_clamp` and `mss`: the VIPs of the changed entries
+    whose MTU (or whether they have one) differs. A VIP's MTU is that of any of its entries."""
+    touched = {e.vip for e in before} | {e.vip for e in after}
+    mtu_before = {e.vip: e.mtu for e in old.values() if e.vip in touched and e.mtu is not None}
+    mtu_after = {e.vip: e.mtu for e in new.values() if e.vip in touched and e.mtu is not None}
+    gone = [(v, m) for v, m in sorted(mtu_before.items(), key=_vip_order) if mtu_after.get(v) != m]
+    came = [(v, m) for v, m in sorted(mtu_after.items(), key=_vip_order) if mtu_before.get(v) != m]
+    return ({"mss_clamp": [f"{v} . {mss_of(v, m) + 1}-65535" for v, m in gone], "mss": [v for v, _ in gone]},
+            {"mss_clamp": [mss_elements(v, m)[0] for v, m in came], "mss": [mss_elements(v, m)[1] for v, m in came]})
+
+
 def _family_delta(
     family: Family,
     old: Mapping[EntryKey, DnatEntry],
@@ -138,7 +159,10 @@ def _family_delta(
     create_classes = [n for n in big if n in sizes_after and n not in sizes_before and n not in kept]
     drop_classes = [n for n in big if n in sizes_before and n not in sizes_after and n not in kept]
 
+    mss_gone, mss_new = _mss_changes(old, new, before, after)
+
     lines: list[str] = []
+    lines += _element_commands("delete", where, mss_gone)
     lines += _element_commands("delete", where, {CLASS_MAP: [_key(e) for e in leaving]})
     lines += _element_commands("delete", where, _slots(leaving, slot_keys))
     lines += _element_commands("delete", where, _counter_keys(removed))
@@ -156,6 +180,7 @@ def _family_delta(
     lines += _element_commands("create", where, _slots(arriving, slot_elements))
     lines += _element_commands("create", where, _counter_keys(added))
     lines += _element_commands("create", where, {CLASS_MAP: [class_element(e) for e in arriving]})
+    lines += _element_commands("create", where, mss_new)
     if exempt is not None and added:
         vips_before = {e.vip for e in old.values() if e.family == family}
         # dict.fromkeys: unique, in the sorted order of the entries, as render_nft lists them.
