@@ -19,7 +19,15 @@ from bench.bench_render import build_cluster
 
 from kube2ipvs import natskv
 from kube2ipvs.model import ClusterState, VirtualService
-from kube2ipvs.natskv import KVPublisher, NatsSettings, NodeSliceSubscriber, StateSubscriber, ValueTooLargeError
+from kube2ipvs.natskv import (
+    KVPublisher,
+    NatsSettings,
+    NodeSliceSubscriber,
+    StateSubscriber,
+    StatusBoard,
+    ValueTooLargeError,
+    status_key,
+)
 from kube2ipvs.normalize import normalize
 from kube2ipvs.protocol import (
     META_KEY,
@@ -567,3 +575,31 @@ def test_a_large_batch_of_puts_is_pipelined_and_lands_whole(
         assert careful == ["node.n0.192-0-2-1.1.tcp", "state.meta"]
 
     run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------
+# StatusBoard: director readiness, expiring when not refreshed
+
+
+def test_a_status_put_is_read_back_and_expires_when_not_refreshed(nats_server: NatsServer) -> None:
+    async def scenario() -> None:
+        writer = StatusBoard(settings(nats_server), bucket="k2i-status-test", ttl=1.0)
+        reader = StatusBoard(settings(nats_server), bucket="k2i-status-test", ttl=1.0)
+        await writer.start()
+        await reader.start()
+        try:
+            assert await reader.get("director", "node-1.example.com") is None
+            await writer.put("director", "node-1.example.com", {"healthy": True, "generation": 7})
+            assert await reader.get("director", "node-1.example.com") == {"healthy": True, "generation": 7}
+            assert await reader.get("director", "node-2") is None
+            await asyncio.sleep(1.6)  # the TTL passes without a refresh: a dead director is not ready
+            assert await reader.get("director", "node-1.example.com") is None
+        finally:
+            await writer.close()
+            await reader.close()
+
+    run(scenario())
+
+
+def test_status_keys_are_one_token_per_host() -> None:
+    assert status_key("director", "node-1.example.com") == "director.node-1_example_com"

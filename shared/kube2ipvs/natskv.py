@@ -1,7 +1,7 @@
 """NATS JetStream key-value transport for the cluster-state protocol (docs/protocol.md).
 
 The only module of kube2ipvs that imports `nats`; every encoding decision lives in the pure
-`kube2ipvs.protocol`. Three roles:
+`kube2ipvs.protocol`. Four roles:
 
 - `KVPublisher` (watcher): creates or binds the bucket, writes `protocol.plan_writes` batches in
   their order, and reads the whole bucket back so a restarted or new leader publishes only
@@ -9,6 +9,8 @@ The only module of kube2ipvs that imports `nats`; every encoding decision lives 
 - `StateSubscriber` (director, bgp-speaker): watches `state.>` and `vs.>`, hands over complete
   `ClusterState`s only, newest first.
 - `NodeSliceSubscriber` (realserver): watches its own node's keys (`node.<node>.>`) only.
+- `StatusBoard` (director, bgp-speaker): small expiring status documents in a bucket of their
+  own, so a bgp-speaker announces only what the director on its host has applied.
 
 Concurrency. Each object owns one nats-py connection. nats-py runs its reader, flusher and pinger
 tasks, plus one task per subscription, in the caller's event loop, and calls our
@@ -37,10 +39,11 @@ import asyncio
 import contextlib
 import functools
 import importlib.util
+import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Self, TypeVar
 
@@ -865,3 +868,83 @@ __all__ = [
     "connect",
     "tls_context",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Status (director readiness for the bgp-speaker on the same host)
+
+STATUS_BUCKET: Final = "kube2ipvs-status"
+# A status not refreshed for this long is gone from the bucket: a director that died stops
+# counting as ready without anyone deleting its key. Directors refresh on every reconcile
+# (every resync interval, 10 s by default).
+STATUS_TTL_SECONDS: Final = 30.0
+
+
+def status_key(role: str, host: str) -> str:
+    """`director.node-1_example_com`: one key per role and host (dots are NATS token separators)."""
+    return f"{role}.{host.replace('.', '_')}"
+
+
+class StatusBoard:
+    """Small JSON status documents in their own bucket (memory storage, values expire after
+    `ttl` seconds): a director publishes what it has applied and whether it is healthy; the
+    bgp-speaker on the same host reads it before announcing anything.
+
+        board = StatusBoard(settings); await board.start()
+        await board.put("director", host, {...})
+        doc = await board.get("director", host)   # None when absent or expired
+    """
+
+    def __init__(self, settings: NatsSettings, *, bucket: str = STATUS_BUCKET,
+                 ttl: float = STATUS_TTL_SECONDS) -> None:
+        self._link = _Link(settings)
+        self._bucket = bucket
+        self._ttl = ttl
+        self._kv: Any = None
+
+    @property
+    def connected(self) -> bool:
+        return self._link.connected
+
+    async def start(self) -> None:
+        await self._link.open()
+        self._kv = await _retrying("status_bucket", self._bind_or_create)
+
+    async def close(self) -> None:
+        await self._link.close()
+
+    async def _bind_or_create(self) -> Any:
+        js = self._link.jetstream()
+        try:
+            return await js.key_value(self._bucket)
+        except nats.js.errors.BucketNotFoundError:
+            pass
+        config = KeyValueConfig(bucket=self._bucket, history=1, storage=StorageType.MEMORY, ttl=self._ttl,
+                                description="kube2ipvs role status (director readiness)")
+        try:
+            return await js.create_key_value(config)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                raise
+            return await js.key_value(self._bucket)
+
+    async def put(self, role: str, host: str, doc: Mapping[str, object]) -> None:
+        """Publish once; raises when NATS is away (the caller publishes again next time)."""
+        if self._kv is None:
+            raise KVError("status board not started")
+        await self._kv.put(status_key(role, host), json.dumps(doc, sort_keys=True).encode())
+
+    async def get(self, role: str, host: str) -> dict[str, Any] | None:
+        if self._kv is None:
+            raise KVError("status board not started")
+        try:
+            entry = await self._kv.get(status_key(role, host))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        try:
+            doc = json.loads(entry.value)
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None

@@ -93,6 +93,39 @@ class Ipvs(Protocol):
     def set_timeouts(self, timeouts: Timeouts) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class IpvsCounters:
+    """IPVS's counters of a virtual service or real server since it was created (or zeroed).
+    With direct routing and IPIP the replies bypass the director: `packets_out` and `bytes_out`
+    stay 0 there; only NAT (masquerading) counts them."""
+
+    connections: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DestStats:
+    address: str  # canonical
+    port: int
+    counters: IpvsCounters
+    active: int = 0  # connections IPVS counts as active (TCP ESTABLISHED), now
+    inactive: int = 0  # every other connection entry of this real server, now
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStats:
+    id: ServiceId
+    counters: IpvsCounters
+    dests: tuple[DestStats, ...] = ()  # sorted by address, port
+
+
+class IpvsStats(Protocol):
+    def stats(self) -> tuple[ServiceStats, ...]: ...
+
+
 def sched_flag_word(flags: Iterable[int]) -> int:
     return sum(1 << (b + _SCHED_FLAG_SHIFT) for b in set(flags) if b in SCHEDULER_FLAG_BITS)
 
@@ -129,6 +162,23 @@ def _u32(value: object) -> int:
 def _attr(nla: Any, name: str, default: Any = None) -> Any:
     value = nla.get_attr(name)
     return default if value is None else value
+
+
+def _counters(nla: Any, prefix: str) -> IpvsCounters:
+    """The nested STATS64 attribute of a service or destination (Linux >= 4.1), else the 32-bit
+    STATS one, whose counters wrap; pyroute2 0.9.7 decodes both into nested attributes."""
+    stats = nla.get_attr(prefix + "STATS64")
+    if stats is None:
+        stats = nla.get_attr(prefix + "STATS")
+    if stats is None:
+        return IpvsCounters()
+    return IpvsCounters(
+        connections=int(_attr(stats, "IPVS_STATS_ATTR_CONNS", 0)),
+        packets_in=int(_attr(stats, "IPVS_STATS_ATTR_INPKTS", 0)),
+        packets_out=int(_attr(stats, "IPVS_STATS_ATTR_OUTPKTS", 0)),
+        bytes_in=int(_attr(stats, "IPVS_STATS_ATTR_INBYTES", 0)),
+        bytes_out=int(_attr(stats, "IPVS_STATS_ATTR_OUTBYTES", 0)),
+    )
 
 
 class LinuxIpvs:
@@ -200,6 +250,41 @@ class LinuxIpvs:
                 weight=int(_attr(nla, "IPVS_DEST_ATTR_WEIGHT", 0)),
                 u_threshold=int(_attr(nla, "IPVS_DEST_ATTR_U_THRESH", 0)),
                 l_threshold=int(_attr(nla, "IPVS_DEST_ATTR_L_THRESH", 0)),
+                active=int(_attr(nla, "IPVS_DEST_ATTR_ACTIVE_CONNS", 0)),
+                inactive=int(_attr(nla, "IPVS_DEST_ATTR_INACT_CONNS", 0)),
+            ))
+        return tuple(sorted(dests, key=lambda d: (d.address, d.port)))
+
+    # -- stats ------------------------------------------------------------------------------
+
+    def stats(self) -> tuple[ServiceStats, ...]:
+        """The counters of every TCP/UDP virtual service on an address and of its real servers,
+        sorted like `observe()`: one service dump, then one destination dump per service.
+
+        The kernel counts per CPU and copies the sums into what it reports at its rate
+        estimator's tick (every 2 s), so the counters lag the traffic by up to that; the active
+        and inactive connection counts are current."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        found = []
+        try:
+            for msg in self._ipvs().service("dump"):
+                nla = msg.get_attr("IPVS_CMD_ATTR_SERVICE")
+                svc = self._service(nla)
+                if svc is not None:
+                    found.append(ServiceStats(svc.id, _counters(nla, "IPVS_SVC_ATTR_"), self._dest_stats(svc.id)))
+        except NetlinkError as exc:
+            raise KernelError(f"IPVS dump: {exc}") from exc
+        return tuple(sorted(found, key=lambda s: s.id))
+
+    def _dest_stats(self, sid: ServiceId) -> tuple[DestStats, ...]:
+        dests = []
+        for msg in self._ipvs().dest("dump", service=self._service_key(sid)):
+            nla = msg.get_attr("IPVS_CMD_ATTR_DEST")
+            dests.append(DestStats(
+                address=canonical_ip(str(_attr(nla, "IPVS_DEST_ATTR_ADDR"))),
+                port=int(_attr(nla, "IPVS_DEST_ATTR_PORT", 0)),
+                counters=_counters(nla, "IPVS_DEST_ATTR_"),
                 active=int(_attr(nla, "IPVS_DEST_ATTR_ACTIVE_CONNS", 0)),
                 inactive=int(_attr(nla, "IPVS_DEST_ATTR_INACT_CONNS", 0)),
             ))
@@ -366,6 +451,7 @@ class FakeIpvs:
     timeout_values: Timeouts = field(default_factory=lambda: Timeouts(900, 120, 300))
     batches: list[tuple[Op, ...]] = field(default_factory=list)  # every apply, in order
     fail_at: int | None = None  # the op of the next apply with this index fails (EIO)
+    service_stats: tuple[ServiceStats, ...] = ()  # what `stats()` returns (set by tests)
 
     @classmethod
     def holding(cls, observed: Observed) -> FakeIpvs:
@@ -431,3 +517,6 @@ class FakeIpvs:
     def set_timeouts(self, timeouts: Timeouts) -> None:
         old = self.timeout_values
         self.timeout_values = Timeouts(timeouts.tcp or old.tcp, timeouts.tcpfin or old.tcpfin, timeouts.udp or old.udp)
+
+    def stats(self) -> tuple[ServiceStats, ...]:
+        return self.service_stats

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final, Literal, TypeAlias
 
 from kube2ipvs.ipvs import IpvsDest, IpvsService
@@ -313,3 +313,51 @@ def cleanup_plan(observed: Observed, *, owned_vips: Collection[str]) -> tuple[Op
     owned = {canonical_ip(v) for v in owned_vips}
     return tuple(DelService(s.id) for s in sorted(observed.services, key=lambda s: _service_order(s.id))
                  if s.id.vip in owned)
+
+
+def observed_after(observed: Observed, ops: Iterable[Op]) -> Observed:
+    """What observing IPVS again would show once `ops` all succeeded (connection counts as they
+    were; a new real server has none). It saves a dump of every service and real server on the
+    path of each change: at 10,000 services that dump is the dominant cost of a reconcile."""
+    services = {s.id: s for s in observed.services}
+    for op in ops:
+        svc = services.get(op.service)
+        if isinstance(op, AddService | EditService):
+            services[op.service] = ObservedService(op.service, op.scheduler, _flags(op.flags),
+                                                   dests=svc.dests if svc is not None else ())
+            continue
+        if isinstance(op, DelService):
+            services.pop(op.service, None)
+            continue
+        if svc is None:
+            continue
+        dests = {(d.address, d.port): d for d in svc.dests}
+        if isinstance(op, DelDest):
+            dests.pop((op.address, op.port), None)
+        else:
+            old = dests.get((op.address, op.port))
+            dests[(op.address, op.port)] = ObservedDest(
+                op.address, op.port, op.forwarding, op.weight, op.u_threshold, op.l_threshold,
+                active=old.active if old else 0, inactive=old.inactive if old else 0)
+        services[op.service] = replace(svc, dests=tuple(dests[k] for k in sorted(dests, key=_dest_order)))
+    return Observed(tuple(services[k] for k in sorted(services, key=_service_order)))
+
+
+def _dest_order(key: tuple[str, int]) -> tuple[tuple[int, int, str], int]:
+    return _ip_order(key[0]), key[1]
+
+
+def observed_as_desired(observed: Observed, owned_vips: Collection[str]) -> tuple[IpvsService, ...]:
+    """The owned services the kernel holds, as `IpvsService`s: what `/config?format=ipvsadm`
+    renders, so it compares line by line with `kube2ipvs rules --format ipvsadm`. Real servers of
+    a forwarding method we never program (NAT, local) are shown as they are not: left out."""
+    owned = {canonical_ip(v) for v in owned_vips}
+    out = []
+    for s in sorted(observed.services, key=lambda s: _service_order(s.id)):
+        if s.id.vip not in owned:
+            continue
+        dests = tuple(IpvsDest(d.address, d.port, d.forwarding, d.weight, d.u_threshold, d.l_threshold)
+                      for d in sorted(s.dests, key=lambda d: _dest_order((d.address, d.port)))
+                      if d.forwarding in ("g", "i"))
+        out.append(IpvsService(s.id.vip, s.id.family, s.id.port, s.id.protocol, s.scheduler, s.flags, dests))
+    return tuple(out)

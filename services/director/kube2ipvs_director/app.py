@@ -1,0 +1,449 @@
+"""The director loop: cluster state -> desired IPVS -> plan against the kernel -> apply.
+
+One event loop: a task hands each new complete state from the subscriber to the app (the newest
+wins, so a burst coalesces into one reconcile); the reconcile task runs on each new state,
+every `resync_interval` seconds (drift repair), when a drain deadline falls, and sooner (with
+backoff) after a failure. Kernel work runs in a worker thread, one reconcile at a time, so
+/healthz and /metrics answer while 10,000 services load. Before the first complete state nothing
+is touched; while NATS is away the subscriber hands over nothing and the kernel stays exactly as
+it is (resyncs go on against the last state, so an `ipvsadm -d` by hand is still repaired).
+
+What a reconcile does, in order:
+
+    settings     IPVS timeouts (tcp, tcpfin, udp) and net.ipv4.vs.* sysctls, set when they differ
+    VIPs         the addresses of served VIPs on the VIP device, added before their services
+    IPVS         plan(desired, observed) applied: edits in place, new real servers before old
+                 ones leave, drained real servers removed once idle or after the drain timeout
+    VIPs         addresses of VIPs no longer served removed after their services
+    readiness    the applied generation and health published for the bgp-speaker
+
+The full IPVS dump (all services and real servers) is read on the first reconcile, on resyncs,
+after a failure and while real servers drain; on the path of a change the kernel is taken to
+hold what the last successful apply left (`observed_after`), which keeps a one-endpoint change
+cheap at 10,000 services.
+
+Ownership: the services of configured VIPs, and of VIPs this director served before they left
+the configuration (remembered in its state file until their services are gone), so a VIP
+removed from the ConfigMap is drained and deleted rather than forgotten in the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kube2ipvs.ipvs import IpvsService, Mode, desired_ipvs
+from kube2ipvs.model import ClusterState
+from kube2ipvs.render.ipvsadm import service_lines
+from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
+from kube2ipvs_director.kernel import ApplyError, Ipvs
+from kube2ipvs_director.plan import (
+    DestId,
+    Observed,
+    Op,
+    Timeouts,
+    canonical_ip,
+    cleanup_plan,
+    observed_after,
+    observed_as_desired,
+    plan,
+)
+
+log = logging.getLogger("kube2ipvs.director")
+
+FORMATS: Final = ("ipvsadm", "desired", "json")
+DEFAULT_STATE_FILE: Final = "/run/kube2ipvs/director.json"
+
+
+class StateSource(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    def states(self) -> AsyncIterator[ClusterState]: ...
+
+
+class Host(Protocol):
+    """The host side of a director: VIP addresses on the VIP device, and net.ipv4.vs sysctls."""
+
+    def vip_addresses(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(ours, foreign): canonical addresses on the VIP device."""
+        ...
+
+    def add_vip(self, address: str) -> None: ...
+
+    def delete_vip(self, address: str) -> None: ...
+
+    def vs_sysctls(self) -> Mapping[str, int | str]: ...
+
+    def set_vs_sysctl(self, name: str, value: int) -> None: ...
+
+
+class Readiness(Protocol):
+    async def publish(self, status: Mapping[str, Any]) -> None: ...
+
+
+def default_vs_sysctls(mode: Mode) -> dict[str, int]:
+    """net.ipv4.vs.* values a director sets (each overridable with --vs-sysctl NAME=VALUE):
+
+    conntrack=0          IPVS keeps its own connection table; netfilter conntrack entries for
+                         direct-routed flows only fill the conntrack table (the guide's
+                         "table full, dropping packet")
+    expire_nodest_conn=1 a connection to a real server that is gone is dropped at its next
+                         packet, so the client retries at once instead of timing out
+    sloppy_tcp=1 (bgp)   a mid-connection packet that routers re-hashed to this director gets a
+                         connection entry (and, with mh, the same real server) instead of a RST
+                         (DESIGN.md 4.1); off in ARP mode, where one director sees every packet
+    """
+    return {"conntrack": 0, "expire_nodest_conn": 1, "sloppy_tcp": 1 if mode == "bgp" else 0}
+
+
+@dataclass(frozen=True, slots=True)
+class DirectorSettings:
+    mode: Mode = "bgp"
+    drain_timeout: float = 300.0
+    # tcpfin: how long IPVS keeps a connection in FIN_WAIT. A director sees only the client's
+    # half of a teardown, so entries pile up there (the guide); IPVS' default is 120 s.
+    timeouts: Timeouts = field(default_factory=lambda: Timeouts(tcp=900, tcpfin=30, udp=300))
+    vs_sysctls: Mapping[str, int] = field(default_factory=lambda: default_vs_sysctls("bgp"))
+    resync_interval: float = 10.0
+    retry_min: float = 0.5
+    state_file: Path | None = None  # remembers the VIPs we own across restarts (None: not kept)
+
+
+def load_owned_vips(path: Path | None) -> frozenset[str]:
+    """The VIPs the state file says we own; none when there is no (readable) file."""
+    if path is None:
+        return frozenset()
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return frozenset()
+    vips = doc.get("owned_vips") if isinstance(doc, dict) else None
+    if not isinstance(vips, list):
+        return frozenset()
+    return frozenset(canonical_ip(v) for v in vips if isinstance(v, str))
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p = "kube2ipvs_director_"
+        self.reconciles = Counter(p + "reconciles_total", "Reconciles, by trigger", ["trigger"], registry=registry)
+        self.reconcile_seconds = Histogram(p + "reconcile_seconds", "Time of a reconcile (plan and apply)",
+                                           buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30),
+                                           registry=registry)
+        self.ops = Counter(p + "ops_total", "IPVS and address changes applied, by kind", ["op"], registry=registry)
+        self.drift_repairs = Counter(p + "drift_repairs_total",
+                                     "Changes a resync made although the desired state had not changed "
+                                     "(someone changed IPVS, an address or a setting by hand)", registry=registry)
+        self.apply_errors = Counter(p + "apply_errors_total", "Reconciles that failed", registry=registry)
+        self.generation_desired = Gauge(p + "generation_desired", "Generation of the newest cluster state received",
+                                        registry=registry)
+        self.generation_applied = Gauge(p + "generation_applied", "Generation of the cluster state in the kernel",
+                                        registry=registry)
+        self.services = Gauge(p + "virtual_services", "Owned IPVS virtual services in the kernel", registry=registry)
+        self.real_servers = Gauge(p + "real_servers", "Real servers of owned virtual services", registry=registry)
+        self.draining = Gauge(p + "real_servers_draining", "Real servers at weight 0 waiting for their connections",
+                              registry=registry)
+        self.settings_ok = Gauge(p + "settings_ok", "1 while the IPVS timeouts and sysctls have their values",
+                                 registry=registry)
+
+
+@dataclass
+class _Applied:
+    generation: int
+    content_hash: str
+    at: float
+
+
+class DirectorApp:
+    def __init__(
+        self,
+        ipvs: Ipvs,
+        host: Host,
+        *,
+        source: StateSource | None,
+        settings: DirectorSettings | None = None,
+        readiness: Readiness | None = None,
+        registry: CollectorRegistry | None = None,
+        describe: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ipvs = ipvs
+        self.host = host
+        self._source = source
+        self.settings = settings or DirectorSettings()
+        self._readiness = readiness
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self._describe = dict(describe or {})
+        self._clock = clock
+        self.state: ClusterState | None = None
+        self.desired: tuple[IpvsService, ...] = ()
+        self._desired_for: ClusterState | None = None
+        self.observed: Observed | None = None  # IPVS after the last successful reconcile
+        self.applied: _Applied | None = None
+        self.draining: Mapping[DestId, float] = {}
+        self.wake_at: float | None = None
+        self.owned_vips: frozenset[str] = frozenset()
+        self._remembered: frozenset[str] = load_owned_vips(self.settings.state_file)
+        self.served_vips: frozenset[str] = frozenset()
+        self.last_ops: list[Op | str] = []
+        self.apply_error: str | None = None
+        self.settings_wrong: dict[str, str] = {}
+        self.skipped: tuple[str, ...] = ()
+        self.last_apply_at: float | None = None
+        self._needs_dump = True
+        self._kick = asyncio.Event()
+        self.reconciled = asyncio.Event()
+
+    # -- running --------------------------------------------------------------------------
+
+    def offer(self, state: ClusterState) -> None:
+        self.state = state
+        self.metrics.generation_desired.set(state.generation)
+        self._kick.set()
+
+    async def run(self) -> None:
+        """Runs until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            if self._source is not None:
+                tg.create_task(self._consume())
+            tg.create_task(self._loop())
+
+    async def _consume(self) -> None:
+        assert self._source is not None
+        async for state in self._source.states():
+            log.info("event=state generation=%d services=%d vips=%d", state.generation, len(state.services),
+                     len(state.vips))
+            self.offer(state)
+
+    async def _loop(self) -> None:
+        retry = self.settings.retry_min
+        while True:
+            wait = self.settings.resync_interval if self.apply_error is None else retry
+            if self.wake_at is not None:
+                wait = max(0.0, min(wait, self.wake_at - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), wait)
+            self._kick.clear()
+            await self.reconcile_once()
+            retry = self.settings.retry_min if self.apply_error is None else \
+                min(retry * 2, self.settings.resync_interval)
+
+    async def reconcile_once(self) -> list[Op | str]:
+        """Plan and apply against the newest state; nothing at all before the first one."""
+        state = self.state
+        if state is None:
+            return []
+        changed = state is not self._desired_for
+        if changed:
+            # desired_ipvs is O(services): 10,000 take some tens of ms, off the loop.
+            self.desired = await asyncio.to_thread(desired_ipvs, state, self.settings.mode)
+            self._desired_for = state
+        trigger = "change" if changed else "resync"
+        self.metrics.reconciles.labels(trigger).inc()
+        done: list[Op | str] = []
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(self._reconcile, state, done, dump=self._needs_dump or not changed)
+        except Exception as exc:  # the kernel refused: report, retry with backoff, re-read first
+            self.apply_error = f"{type(exc).__name__}: {exc}"
+            self._needs_dump = True
+            self.metrics.apply_errors.inc()
+            log.warning("event=apply_failed error=%s", self.apply_error)
+        else:
+            self.apply_error = None
+            self._needs_dump = bool(self.draining)  # a drain ends on connection counts: re-read them
+            self.applied = _Applied(state.generation, state.content_hash, time.time())
+            self.last_apply_at = self.applied.at
+            self.metrics.generation_applied.set(state.generation)
+        self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        self.last_ops = done
+        for op in done:
+            kind = op.split(" ", 1)[0] if isinstance(op, str) else type(op).__name__
+            self.metrics.ops.labels(kind).inc()
+            log.info("event=kernel_changed op=%s", op)
+        if done and not changed and self.apply_error is None:
+            self.metrics.drift_repairs.inc(len(done))
+        await self._publish_readiness()
+        self.reconciled.set()
+        return done
+
+    def _reconcile(self, state: ClusterState, done: list[Op | str], *, dump: bool) -> None:
+        self._settle_settings(done)
+        desired = self.desired
+        self.owned_vips = frozenset(canonical_ip(v) for v in state.vips) | self._remembered
+        served = frozenset(canonical_ip(s.vip) for s in desired)
+        ours, foreign = self.host.vip_addresses()
+        for vip in sorted(served - ours - foreign):
+            self.host.add_vip(vip)
+            done.append(f"AddVip {vip}")
+        observed = self.ipvs.observe() if dump or self.observed is None else self.observed
+        now = self._clock()
+        result = plan(desired, observed, owned_vips=self.owned_vips, draining=self.draining, now=now,
+                      drain_timeout=self.settings.drain_timeout)
+        self.skipped = result.skipped
+        if result.ops:
+            try:
+                self.ipvs.apply(result.ops)
+            except ApplyError as exc:
+                done.extend(result.ops[:exc.index])  # in the kernel; the next reconcile re-reads it
+                raise
+            done.extend(result.ops)
+        self.observed = observed_after(observed, result.ops)
+        self.draining, self.wake_at = result.draining, result.wake_at
+        # Addresses of VIPs whose services are gone (drained real servers keep theirs until then).
+        still = {s.id.vip for s in self.observed.services if s.id.vip in self.owned_vips}
+        self.served_vips = served | frozenset(still)
+        for vip in sorted(ours - self.served_vips):
+            self.host.delete_vip(vip)
+            done.append(f"DeleteVip {vip}")
+        self._remember(frozenset(canonical_ip(v) for v in state.vips), frozenset(still))
+        owned = [s for s in self.observed.services if s.id.vip in self.owned_vips]
+        self.metrics.services.set(len(owned))
+        self.metrics.real_servers.set(sum(len(s.dests) for s in owned))
+        self.metrics.draining.set(len(self.draining))
+
+    def _settle_settings(self, done: list[Op | str]) -> None:
+        """Timeouts and sysctls to their values; what cannot be set is reported by health."""
+        wrong: dict[str, str] = {}
+        want = self.settings.timeouts
+        have = self.ipvs.timeouts()
+        pairs = (("tcp", want.tcp, have.tcp), ("tcpfin", want.tcpfin, have.tcpfin), ("udp", want.udp, have.udp))
+        if any(w and w != h for _, w, h in pairs):
+            self.ipvs.set_timeouts(want)
+            done.append(f"SetTimeouts tcp={want.tcp} tcpfin={want.tcpfin} udp={want.udp}")
+            have = self.ipvs.timeouts()
+            pairs = (("tcp", want.tcp, have.tcp), ("tcpfin", want.tcpfin, have.tcpfin),
+                     ("udp", want.udp, have.udp))
+        wrong.update({f"timeout {n}": f"want {w}, have {h}" for n, w, h in pairs if w and w != h})
+        current = self.host.vs_sysctls()
+        for name, value in sorted(self.settings.vs_sysctls.items()):
+            if name not in current:
+                wrong[f"net.ipv4.vs.{name}"] = "no such sysctl"
+                continue
+            if current[name] != value:
+                self.host.set_vs_sysctl(name, value)
+                done.append(f"SetSysctl net.ipv4.vs.{name}={value}")
+                now = self.host.vs_sysctls().get(name)
+                if now != value:
+                    wrong[f"net.ipv4.vs.{name}"] = f"want {value}, have {now}"
+        self.settings_wrong = wrong
+        self.metrics.settings_ok.set(0 if wrong else 1)
+
+    # -- ownership that outlives the configuration ----------------------------------------
+
+    def _remember(self, configured: frozenset[str], still_in_kernel: frozenset[str]) -> None:
+        """Keep owning every VIP configured now or whose services we still hold."""
+        remembered = configured | still_in_kernel
+        if remembered == self._remembered:
+            return
+        self._remembered = remembered
+        path = self.settings.state_file
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"owned_vips": sorted(remembered)}) + "\n")
+        os.replace(tmp, path)
+
+    # -- readiness for the bgp-speaker ------------------------------------------------------
+
+    def readiness(self) -> dict[str, Any]:
+        health = self.health()
+        return {
+            "version": 1,
+            "role": "director",
+            "mode": self.settings.mode,
+            "healthy": health.ok,
+            "reason": health.reason,
+            "generation": self.applied.generation if self.applied else None,
+            "content_hash": self.applied.content_hash if self.applied else None,
+            "vips": sorted(self.served_vips),
+            "at": time.time(),
+        }
+
+    async def _publish_readiness(self) -> None:
+        if self._readiness is None:
+            return
+        try:
+            await self._readiness.publish(self.readiness())
+        except Exception as exc:  # NATS away: the next reconcile publishes again
+            log.warning("event=readiness_not_published error=%s", exc)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        detail: dict[str, Any] = {
+            "mode": self.settings.mode,
+            "nats_connected": self._source.connected if self._source is not None else None,
+            "generation_desired": self.state.generation if self.state else None,
+            "generation_applied": self.applied.generation if self.applied else None,
+            "virtual_services": len(self.desired),
+            "vips": sorted(self.served_vips),
+            "draining": len(self.draining),
+            "settings_wrong": self.settings_wrong,
+            "last_apply_at": self.last_apply_at,
+        }
+        if self.state is None:
+            return Health(False, "no cluster state received yet", detail)
+        if self.apply_error is not None:
+            return Health(False, f"last apply failed: {self.apply_error}", detail)
+        if self.applied is None:
+            return Health(False, "not reconciled yet", detail)
+        if self.settings_wrong:
+            return Health(False, "IPVS settings wrong: " + ", ".join(f"{k} {v}" for k, v in
+                                                                    sorted(self.settings_wrong.items())), detail)
+        return Health(True, "", detail)
+
+    def config(self, query: Mapping[str, str]) -> ConfigResponse:
+        fmt = query.get("format")
+        if fmt is None:
+            return json_response({
+                "role": "director",
+                "settings": self._describe,
+                "generation_applied": self.applied.generation if self.applied else None,
+                "virtual_services": len(self.desired),
+                "vips": sorted(self.served_vips),
+                "skipped": list(self.skipped),
+                "apply_error": self.apply_error,
+                "formats": list(FORMATS),
+            })
+        if fmt not in FORMATS:
+            raise ConfigRequestError(f"format must be one of {', '.join(FORMATS)}")
+        if self.observed is None:
+            return text_response("not reconciled yet\n", 503)
+        if fmt == "ipvsadm":  # what the kernel holds now (as of the last reconcile), owned services only
+            lines = service_lines(observed_as_desired(self.observed, self.owned_vips))
+        elif fmt == "desired":
+            lines = service_lines(self.desired)
+        else:
+            return text_response(json.dumps({"draining": [f"{sid} {addr}:{port}" for sid, addr, port in
+                                                           sorted(self.draining)]}, indent=2) + "\n")
+        return text_response("\n".join(lines) + ("\n" if lines else ""))
+
+
+def cleanup(ipvs: Ipvs, host: Host, state_file: Path | None) -> list[Op | str]:
+    """Remove what we own (blocking): the virtual services of the VIPs our addresses and our
+    state file name, and our VIP addresses. Services of any other VIP stay."""
+    done: list[Op | str] = []
+    ours, _ = host.vip_addresses()
+    ops = cleanup_plan(ipvs.observe(), owned_vips=ours | load_owned_vips(state_file))
+    if ops:
+        ipvs.apply(ops)
+        done += ops
+    for vip in sorted(ours):
+        host.delete_vip(vip)
+        done.append(f"DeleteVip {vip}")
+    return done
+

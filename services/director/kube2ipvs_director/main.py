@@ -1,0 +1,153 @@
+"""`kube2ipvs director`: flags, wiring, and shutdown.
+
+Start-up: status server, then the NATS state subscriber and the status board, then the loop.
+Shutdown on SIGTERM: stop the loop and close NATS and the status server; IPVS and the VIP
+addresses stay as they are (a restart finds them converged and changes nothing; the bgp-speaker
+stops announcing once this director's readiness expires). `--cleanup` instead removes the
+virtual services and addresses it owns, and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kube2ipvs.natskv import StateSubscriber, StatusBoard
+from kube2ipvs.roleargs import RoleParser, RoleUsageError, add, add_common, nats_settings, positive_float, run_role
+from kube2ipvs.statusserver import StatusServer
+from kube2ipvs_director.app import DEFAULT_STATE_FILE, DirectorApp, DirectorSettings, cleanup, default_vs_sysctls
+from kube2ipvs_director.host import LinuxHost
+from kube2ipvs_director.kernel import KernelError, LinuxIpvs
+from kube2ipvs_director.plan import Timeouts
+
+log = logging.getLogger("kube2ipvs.director")
+
+
+def sysctl_setting(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or "/" in name or not value.strip().lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=INTEGER (a net.ipv4.vs sysctl, e.g. conntrack=0)")
+    return name.strip(), int(value)
+
+
+def timeout_seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400 * 7:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 (leave as is) and 604800 seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = RoleParser(prog="kube2ipvs director",
+                   description="Program kernel IPVS (direct routing to the compute nodes, weighted by their "
+                               "pods) from the cluster state on NATS.")
+    add(p, "--mode", choices=("arp", "bgp"), default="bgp",
+        help="how VIP traffic is attracted: bgp (default scheduler mh, sloppy_tcp) or arp (wrr)")
+    add(p, "--host-name", default=socket.gethostname(),
+        help="name this director publishes its readiness under (default: the host name)")
+    add(p, "--device", default="kube2ipvs0",
+        help="device for the VIP addresses: a dummy link, created if missing (default kube2ipvs0), or lo")
+    add(p, "--drain-timeout", type=positive_float, default=300.0, metavar="S",
+        help="a real server that lost its last endpoint is removed once idle, or after this long (default 300)")
+    add(p, "--tcp-timeout", type=timeout_seconds, default=900, metavar="S",
+        help="IPVS tcp timeout (ipvsadm --set), 0 leaves it as it is (default 900)")
+    add(p, "--tcpfin-timeout", type=timeout_seconds, default=30, metavar="S",
+        help="IPVS tcpfin timeout: FIN_WAIT entries pile up on a director, which sees half a teardown "
+             "(default 30; the kernel's is 120)")
+    add(p, "--udp-timeout", type=timeout_seconds, default=300, metavar="S", help="IPVS udp timeout (default 300)")
+    add(p, "--vs-sysctl", type=sysctl_setting, action="append", metavar="NAME=VALUE",
+        help="a net.ipv4.vs sysctl to hold, repeatable; overrides the defaults (conntrack=0, "
+             "expire_nodest_conn=1, sloppy_tcp=1 in bgp mode)")
+    add(p, "--resync-interval", type=positive_float, default=10.0, metavar="S",
+        help="re-read IPVS and repair drift this often (default 10)")
+    add(p, "--state-file", default=DEFAULT_STATE_FILE, metavar="FILE",
+        help=f"remembers the VIPs this director owns across restarts (default {DEFAULT_STATE_FILE})")
+    add(p, "--cleanup", action="store_true", help="delete our virtual services and VIP addresses, then exit")
+    add_common(p, "director")
+    return p
+
+
+def director_settings(args: argparse.Namespace) -> DirectorSettings:
+    sysctls: dict[str, int] = default_vs_sysctls(args.mode)
+    sysctls.update(dict(args.vs_sysctl or ()))
+    return DirectorSettings(
+        mode=args.mode, drain_timeout=args.drain_timeout,
+        timeouts=Timeouts(tcp=args.tcp_timeout, tcpfin=args.tcpfin_timeout, udp=args.udp_timeout),
+        vs_sysctls=sysctls, resync_interval=args.resync_interval, state_file=Path(args.state_file),
+    )
+
+
+class BoardReadiness:
+    """The director's readiness on the status board, under its host name."""
+
+    def __init__(self, board: StatusBoard, host: str) -> None:
+        self._board, self._host = board, host
+
+    async def publish(self, status: Mapping[str, Any]) -> None:
+        await self._board.put("director", self._host, status)
+
+
+async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    settings = director_settings(args)
+    ipvs = LinuxIpvs()
+    host = LinuxHost(device=args.device)
+    try:
+        try:
+            await asyncio.to_thread(ipvs.observe)
+        except KernelError as exc:
+            raise RoleUsageError(f"this kernel has no usable IPVS ({exc}); load ip_vs or use another host") from exc
+        if args.cleanup:
+            removed = await asyncio.to_thread(cleanup, ipvs, host, settings.state_file)
+            log.info("event=cleaned_up removed=%d", len(removed))
+            return 0
+        nats = nats_settings(args, name=f"kube2ipvs-director-{args.host_name}")
+        subscriber = StateSubscriber(nats)
+        board = StatusBoard(nats)
+        app = DirectorApp(
+            ipvs, host, source=subscriber, settings=settings, readiness=BoardReadiness(board, args.host_name),
+            describe={"mode": args.mode, "host_name": args.host_name, "device": args.device,
+                      "drain_timeout": args.drain_timeout,
+                      "timeouts": {"tcp": settings.timeouts.tcp, "tcpfin": settings.timeouts.tcpfin,
+                                   "udp": settings.timeouts.udp},
+                      "vs_sysctls": dict(settings.vs_sysctls), "resync_interval": args.resync_interval,
+                      "nats": nats.describe()},
+        )
+        listen_host, port = args.listen
+        server = StatusServer(host=listen_host, port=port, health=app.health, config=app.config,
+                              registry=app.registry)
+        await server.start()
+        log.info("event=started role=director listen=%s:%d mode=%s", listen_host, server.port, args.mode)
+        try:
+            await subscriber.start()
+            # The board connects in the background (until NATS answers); readiness published
+            # before that fails, is logged, and goes out with the next reconcile.
+            tasks = [asyncio.create_task(board.start(), name="status-board"),
+                     asyncio.create_task(app.run(), name="director")]
+            await stop.wait()
+            log.info("event=stopping role=director")
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        finally:
+            await subscriber.close()
+            await board.close()
+            await server.stop()
+        return 0
+    finally:
+        ipvs.close()
+        host.close()
+
+
+def run(argv: Sequence[str]) -> int:
+    return run_role("director", argv, build_parser, amain)

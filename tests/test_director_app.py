@@ -1,0 +1,259 @@
+"""The director loop against the strict fakes: convergence, one op per one-endpoint change, drift
+repair on resync, graceful drains, ownership of VIPs that left the configuration, settings,
+failures, readiness and /config. Real IPVS: tests/vm/test_director_app_vm.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+
+from kube2ipvs.ipvs import desired_ipvs
+from kube2ipvs.model import ClusterState
+from kube2ipvs.normalize import normalize
+from kube2ipvs.render.ipvsadm import render_ipvsadm
+from kube2ipvs_director.app import DirectorApp, DirectorSettings, cleanup, default_vs_sysctls
+from kube2ipvs_director.kernel import FakeIpvs
+from kube2ipvs_director.plan import AddDest, EditDest, ObservedService, ServiceId, Timeouts
+from tests.builders import config, endpointslice, node, service, web_entry
+
+WEB = service("shop", "web", ("http", 80, "TCP"))
+NODES = [node("a", "198.51.100.1"), node("b", "198.51.100.2")]
+
+
+def cluster(generation: int, endpoints: Sequence[tuple[str, str]],
+            vips: Sequence[str] = ("192.0.2.1",)) -> ClusterState:
+    """Service shop/web on port 80 of every VIP in `vips`, with (pod address, node) endpoints."""
+    cfg = config({vip: {"80": web_entry()} for vip in vips})
+    slices = [endpointslice("shop", "web", "w", [("http", 8080, "TCP")], [(a, n, True) for a, n in endpoints])]
+    return replace(normalize(NODES, [WEB], slices, cfg), generation=generation)
+
+
+TWO_NODES = [("10.0.0.1", "a"), ("10.0.0.2", "a"), ("10.0.1.1", "b")]
+SID = ServiceId("192.0.2.1", 4, 80, "tcp")
+
+
+@dataclass
+class FakeHost:
+    """VIP addresses and net.ipv4.vs sysctls in memory, strict like the real ones: deleting an
+    address that is not ours is a bug; a sysctl the kernel lacks cannot be set."""
+
+    ours: set[str] = field(default_factory=set)
+    foreign: set[str] = field(default_factory=lambda: {"127.0.0.1"})
+    sysctls: dict[str, int | str] = field(default_factory=lambda: {
+        "conntrack": 1, "expire_nodest_conn": 0, "sloppy_tcp": 0, "conn_reuse_mode": 1})
+    frozen: set[str] = field(default_factory=set)  # sysctls whose writes do not stick
+    changes: list[str] = field(default_factory=list)
+
+    def vip_addresses(self) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset(self.ours), frozenset(self.foreign)
+
+    def add_vip(self, address: str) -> None:
+        assert address not in self.foreign
+        self.ours.add(address)
+        self.changes.append(f"add {address}")
+
+    def delete_vip(self, address: str) -> None:
+        assert address in self.ours, f"deleted an address that is not ours: {address}"
+        self.ours.discard(address)
+        self.changes.append(f"del {address}")
+
+    def vs_sysctls(self) -> Mapping[str, int | str]:
+        return dict(self.sysctls)
+
+    def set_vs_sysctl(self, name: str, value: int) -> None:
+        assert name in self.sysctls
+        if name not in self.frozen:
+            self.sysctls[name] = value
+        self.changes.append(f"sysctl {name}={value}")
+
+
+class CountingIpvs(FakeIpvs):
+    dumps = 0
+
+    def observe(self) -> Any:
+        self.dumps += 1
+        return super().observe()
+
+
+@dataclass
+class Readiness:
+    published: list[Mapping[str, Any]] = field(default_factory=list)
+
+    async def publish(self, status: Mapping[str, Any]) -> None:
+        self.published.append(dict(status))
+
+
+def director(ipvs: FakeIpvs | None = None, host: FakeHost | None = None, *, clock: list[float] | None = None,
+             readiness: Readiness | None = None, **settings: Any) -> DirectorApp:
+    now = clock if clock is not None else [1000.0]
+    return DirectorApp(ipvs or CountingIpvs(), host or FakeHost(), source=None, readiness=readiness,
+                       settings=DirectorSettings(mode="arp", vs_sysctls=default_vs_sysctls("arp"), **settings),
+                       clock=lambda: now[0])
+
+
+def reconcile(app: DirectorApp, state: ClusterState | None = None) -> list[Any]:
+    if state is not None:
+        app.offer(state)
+    return asyncio.run(app.reconcile_once())
+
+
+def kernel_rules(ipvs: FakeIpvs) -> str:
+    from kube2ipvs.render.ipvsadm import service_lines
+    from kube2ipvs_director.plan import observed_as_desired
+    lines = service_lines(observed_as_desired(ipvs.observe(), {s.vip for s in ipvs.services}))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def test_before_the_first_state_nothing_is_touched() -> None:
+    ipvs, host = CountingIpvs(), FakeHost()
+    app = director(ipvs, host)
+    assert reconcile(app) == []
+    assert (ipvs.batches, host.changes, ipvs.dumps) == ([], [], 0)
+    assert app.health().reason == "no cluster state received yet"
+
+
+def test_a_state_converges_the_kernel_to_exactly_the_rendered_rules_and_a_resync_changes_nothing() -> None:
+    ipvs, host = CountingIpvs(), FakeHost()
+    app = director(ipvs, host)
+    state = cluster(1, TWO_NODES)
+    done = reconcile(app, state)
+    assert done[:3] == ["SetTimeouts tcp=900 tcpfin=30 udp=300", "SetSysctl net.ipv4.vs.conntrack=0",
+                        "SetSysctl net.ipv4.vs.expire_nodest_conn=1"]
+    assert "AddVip 192.0.2.1" in done
+    assert done.index("AddVip 192.0.2.1") < next(i for i, op in enumerate(done) if not isinstance(op, str))
+    assert kernel_rules(ipvs) == render_ipvsadm(state, mode="arp")
+    assert host.ours == {"192.0.2.1"}
+    assert ipvs.timeouts() == Timeouts(900, 30, 300)
+    assert reconcile(app) == []  # a resync of a converged kernel
+    health = app.health()
+    assert health.ok, health.reason
+    assert health.detail["generation_applied"] == 1
+
+
+def test_a_one_endpoint_change_is_one_set_and_reads_no_dump_of_the_kernel() -> None:
+    ipvs = CountingIpvs()
+    app = director(ipvs)
+    reconcile(app, cluster(1, TWO_NODES))
+    dumps = ipvs.dumps
+    done = reconcile(app, cluster(2, [*TWO_NODES, ("10.0.1.2", "b")]))
+    assert done == [EditDest(SID, "198.51.100.2", 80, "g", 2, 0, 0)]
+    assert ipvs.dumps == dumps  # the change path trusts what the last apply left
+    assert ipvs.batches[-1] == (EditDest(SID, "198.51.100.2", 80, "g", 2, 0, 0),)
+
+
+def test_an_ipvsadm_d_by_hand_is_repaired_by_the_next_resync_and_counted_as_drift() -> None:
+    ipvs = CountingIpvs()
+    app = director(ipvs)
+    reconcile(app, cluster(1, TWO_NODES))
+    svc = ipvs.services[SID]
+    ipvs.services[SID] = replace(svc, dests=tuple(d for d in svc.dests if d.address != "198.51.100.2"))
+    assert reconcile(app) == [AddDest(SID, "198.51.100.2", 80, "g", 1, 0, 0)]
+    assert "kube2ipvs_director_drift_repairs_total 1.0" in generate_latest(app.registry).decode()
+
+
+def test_foreign_services_stay_exactly_as_they_are() -> None:
+    foreign = ObservedService(ServiceId("10.96.0.10", 4, 53, "udp"), "rr")
+    ipvs = CountingIpvs(services={foreign.id: foreign})
+    app = director(ipvs)
+    reconcile(app, cluster(1, TWO_NODES))
+    reconcile(app)
+    assert ipvs.services[foreign.id] == foreign
+    assert "10.96.0.10" not in app.config({"format": "ipvsadm"}).body
+
+
+def test_a_node_that_loses_its_last_endpoint_drains_then_goes() -> None:
+    clock = [1000.0]
+    ipvs = CountingIpvs()
+    app = director(ipvs, clock=clock, drain_timeout=60)
+    reconcile(app, cluster(1, TWO_NODES))
+    ipvs.connect(SID, "198.51.100.2", 80, active=3)
+    assert reconcile(app, cluster(2, TWO_NODES[:2])) == [EditDest(SID, "198.51.100.2", 80, "g", 0, 0, 0)]
+    assert app.wake_at == 1060.0
+    clock[0] = 1010.0
+    assert reconcile(app) == []  # still 3 connections, before the deadline
+    ipvs.connect(SID, "198.51.100.2", 80, active=0)
+    done = reconcile(app)  # a drain re-reads connection counts on its resyncs
+    assert [type(op).__name__ for op in done] == ["DelDest"]
+    assert app.draining == {}
+
+
+def test_a_vip_removed_from_the_configuration_is_drained_and_deleted_also_after_a_restart(tmp_path: Path) -> None:
+    state_file = tmp_path / "director.json"
+    ipvs, host = CountingIpvs(), FakeHost()
+    app = director(ipvs, host, state_file=state_file, drain_timeout=0)
+    reconcile(app, cluster(1, TWO_NODES, vips=("192.0.2.1", "192.0.2.2")))
+    assert host.ours == {"192.0.2.1", "192.0.2.2"}
+    restarted = director(ipvs, host, state_file=state_file, drain_timeout=0)  # forgot nothing: the file
+    drained = reconcile(restarted, cluster(2, TWO_NODES, vips=("192.0.2.1",)))
+    assert {(op.service.vip, op.weight) for op in drained if isinstance(op, EditDest)} == {("192.0.2.2", 0)}
+    assert host.ours == {"192.0.2.1", "192.0.2.2"}  # held while its service drains
+    done = reconcile(restarted)
+    assert "DeleteVip 192.0.2.2" in done
+    assert {s.vip for s in ipvs.services} == {"192.0.2.1"}
+    assert host.ours == {"192.0.2.1"}
+    assert "192.0.2.2" not in state_file.read_text()  # nothing of it left to own
+
+
+def test_settings_that_do_not_stick_fail_health_and_are_named() -> None:
+    host = FakeHost(frozen={"conntrack"})
+    app = director(host=host)
+    reconcile(app, cluster(1, TWO_NODES))
+    assert app.health().reason == "IPVS settings wrong: net.ipv4.vs.conntrack want 0, have 1"
+    host.frozen.clear()
+    reconcile(app)
+    assert app.health().ok
+
+
+def test_a_failed_apply_is_reported_then_retried_from_a_fresh_dump() -> None:
+    ipvs = CountingIpvs()
+    app = director(ipvs)
+    reconcile(app, cluster(1, TWO_NODES))
+    ipvs.fail_at = 0
+    reconcile(app, cluster(2, [*TWO_NODES, ("10.0.1.2", "b")]))
+    assert app.health().reason.startswith("last apply failed: ApplyError")
+    dumps = ipvs.dumps
+    assert reconcile(app) == [EditDest(SID, "198.51.100.2", 80, "g", 2, 0, 0)]
+    assert ipvs.dumps == dumps + 1
+    assert app.health().ok
+
+
+def test_readiness_says_which_generation_is_applied_and_whether_healthy() -> None:
+    readiness = Readiness()
+    app = director(readiness=readiness)
+    reconcile(app, cluster(5, TWO_NODES))
+    last = readiness.published[-1]
+    assert (last["healthy"], last["generation"], last["vips"], last["mode"]) == (True, 5, ["192.0.2.1"], "arp")
+
+
+def test_config_shows_the_kernels_rules_as_kube2ipvs_rules_prints_them() -> None:
+    app = director()
+    assert app.config({"format": "ipvsadm"}).status == 503
+    state = cluster(1, TWO_NODES)
+    reconcile(app, state)
+    assert app.config({"format": "ipvsadm"}).body == render_ipvsadm(state, mode="arp")
+    assert app.config({"format": "desired"}).body == render_ipvsadm(state, mode="arp")
+    assert '"generation_applied": 1' in app.config({}).body
+
+
+@pytest.mark.parametrize("mode", ["arp", "bgp"])
+def test_sloppy_tcp_is_on_for_bgp_directors_only(mode: str) -> None:
+    assert default_vs_sysctls(mode)["sloppy_tcp"] == (1 if mode == "bgp" else 0)  # type: ignore[arg-type]
+
+
+def test_cleanup_removes_our_services_and_addresses_only(tmp_path: Path) -> None:
+    foreign = ObservedService(ServiceId("10.96.0.10", 4, 53, "udp"), "rr")
+    ipvs, host = CountingIpvs(services={foreign.id: foreign}), FakeHost()
+    app = director(ipvs, host, state_file=tmp_path / "d.json")
+    reconcile(app, cluster(1, TWO_NODES))
+    done = cleanup(ipvs, host, tmp_path / "d.json")
+    assert [str(op) if isinstance(op, str) else type(op).__name__ for op in done] == ["DelService",
+                                                                                     "DeleteVip 192.0.2.1"]
+    assert list(ipvs.services) == [foreign.id]
+    assert host.ours == set()
+    assert desired_ipvs(cluster(1, TWO_NODES), "arp")  # (the fixture did make a service to remove)
