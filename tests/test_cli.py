@@ -151,7 +151,7 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert "usage: kube2ipvs" in proc.stdout
 
 
-@pytest.mark.parametrize("role", [r for r in ROLES if r not in ("watcher", "realserver")])
+@pytest.mark.parametrize("role", [r for r in ROLES if r not in ("watcher", "realserver", "director")])
 def test_a_role_that_is_not_installed_says_so(role: str) -> None:
     code, _, err = run(role, "--help")
     assert code == 2

@@ -257,3 +257,35 @@ def test_cleanup_removes_our_services_and_addresses_only(tmp_path: Path) -> None
     assert list(ipvs.services) == [foreign.id]
     assert host.ours == set()
     assert desired_ipvs(cluster(1, TWO_NODES), "arp")  # (the fixture did make a service to remove)
+
+
+def test_stats_of_owned_services_become_metrics_and_foreign_ones_do_not() -> None:
+    from kube2ipvs_director.app import StatsSnapshot
+    from kube2ipvs_director.kernel import DestStats, IpvsCounters, ServiceStats
+    from kube2ipvs_director.stats import ConntrackUsage
+
+    mine = ServiceStats(SID, IpvsCounters(connections=7, packets_in=70, bytes_in=7000),
+                        (DestStats("198.51.100.1", 80, IpvsCounters(), active=2, inactive=1),
+                         DestStats("198.51.100.2", 80, IpvsCounters(), active=1)))
+    theirs = ServiceStats(ServiceId("10.96.0.10", 4, 53, "udp"), IpvsCounters(connections=99))
+
+    class Source:
+        def read(self) -> StatsSnapshot:
+            return StatsSnapshot((mine, theirs), {("TCP", "FIN_WAIT"): 12, ("TCP", "ESTABLISHED"): 3},
+                                 ConntrackUsage(100, 262144))
+
+    app = DirectorApp(CountingIpvs(), FakeHost(), source=None, stats=Source(),
+                      settings=DirectorSettings(mode="arp", vs_sysctls=default_vs_sysctls("arp")))
+    reconcile(app, cluster(1, TWO_NODES))
+    asyncio.run(app.read_stats())
+    text = generate_latest(app.registry).decode()
+    key = 'port="80",protocol="tcp",vip="192.0.2.1"'
+    assert f"kube2ipvs_director_vs_active_connections{{{key}}} 3.0" in text
+    assert f"kube2ipvs_director_vs_inactive_connections{{{key}}} 1.0" in text
+    assert f"kube2ipvs_director_vs_connections_total{{{key}}} 7.0" in text
+    assert f'kube2ipvs_director_vs_packets_total{{direction="in",{key}}} 70.0' in text
+    assert 'kube2ipvs_director_ipvs_connections{protocol="TCP",state="FIN_WAIT"} 12.0' in text
+    assert "kube2ipvs_director_conntrack_entries 100.0" in text
+    assert "kube2ipvs_director_conntrack_max 262144.0" in text
+    assert "10.96.0.10" not in text
+    app.close()

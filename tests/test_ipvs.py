@@ -39,7 +39,7 @@ def test_an_explicit_scheduler_is_honoured_in_bgp_mode() -> None:
 def test_tunnel_forwarding_and_generic_flags_are_rendered() -> None:
     text = rules(scheduler="sh", forwardingMethod="i", flags="flag-1,sh-port")
     assert text.splitlines()[0] == "-A -t 192.0.2.1:80 -s sh -b sh-fallback,sh-port"
-    assert text.splitlines()[1] == "-a -t 192.0.2.1:80 -r 198.51.100.1:80 -i -w 3"
+    assert text.splitlines()[1] == "-a -t 192.0.2.1:80 -r 198.51.100.1:80 -i -w 3 --tun-type ipip"
 
 
 def test_thresholds_are_split_in_proportion_to_weight() -> None:

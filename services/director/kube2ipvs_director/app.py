@@ -35,18 +35,21 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from kube2ipvs.ipvs import IpvsService, Mode, desired_ipvs
 from kube2ipvs.model import ClusterState
 from kube2ipvs.render.ipvsadm import service_lines
 from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
-from kube2ipvs_director.kernel import ApplyError, Ipvs
+from kube2ipvs.workers import KernelThread
+from kube2ipvs_director.kernel import ApplyError, Ipvs, ServiceStats
 from kube2ipvs_director.plan import (
     DestId,
     Observed,
@@ -58,6 +61,7 @@ from kube2ipvs_director.plan import (
     observed_as_desired,
     plan,
 )
+from kube2ipvs_director.stats import ConntrackUsage
 
 log = logging.getLogger("kube2ipvs.director")
 
@@ -92,6 +96,64 @@ class Readiness(Protocol):
     async def publish(self, status: Mapping[str, Any]) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    services: tuple[ServiceStats, ...] = ()
+    conn_states: Mapping[tuple[str, str], int] | None = None  # (protocol, TCP state) -> entries
+    conntrack: ConntrackUsage = field(default_factory=lambda: ConntrackUsage(None, None))
+
+
+class StatsSource(Protocol):
+    """Reads what /metrics shows; called from a thread of its own, never during a reconcile's
+    kernel calls on the same socket (give it its own IPVS socket)."""
+
+    def read(self) -> StatsSnapshot: ...
+
+
+class DirectorStats(Collector):
+    """Prometheus series from the last stats snapshot, for the owned services only."""
+
+    def __init__(self, app: DirectorApp) -> None:
+        self._app = app
+
+    def collect(self) -> Iterable[Metric]:
+        p = "kube2ipvs_director_"
+        snap, owned = self._app.stats, self._app.owned_vips
+        states = GaugeMetricFamily(p + "ipvs_connections", "IPVS connection entries by protocol and TCP state "
+                                   "(/proc/net/ip_vs_conn)", labels=["protocol", "state"])
+        for (protocol, state), n in sorted((snap.conn_states or {}).items()):
+            states.add_metric([protocol, state], n)
+        labels = ["vip", "port", "protocol"]
+        active = GaugeMetricFamily(p + "vs_active_connections", "Active (established) connections of a VIP:port",
+                                   labels=labels)
+        inactive = GaugeMetricFamily(p + "vs_inactive_connections", "Other connection entries of a VIP:port",
+                                     labels=labels)
+        conns = CounterMetricFamily(p + "vs_connections", "Connections IPVS scheduled for a VIP:port", labels=labels)
+        packets = CounterMetricFamily(p + "vs_packets", "Packets of a VIP:port (out: only with NAT)",
+                                      labels=[*labels, "direction"])
+        octets = CounterMetricFamily(p + "vs_bytes", "Bytes of a VIP:port (out: only with NAT)",
+                                     labels=[*labels, "direction"])
+        for svc in snap.services:
+            if svc.id.vip not in owned:
+                continue
+            key = [svc.id.vip, str(svc.id.port), svc.id.protocol]
+            active.add_metric(key, sum(d.active for d in svc.dests))
+            inactive.add_metric(key, sum(d.inactive for d in svc.dests))
+            conns.add_metric(key, svc.counters.connections)
+            packets.add_metric([*key, "in"], svc.counters.packets_in)
+            packets.add_metric([*key, "out"], svc.counters.packets_out)
+            octets.add_metric([*key, "in"], svc.counters.bytes_in)
+            octets.add_metric([*key, "out"], svc.counters.bytes_out)
+        out: list[Metric] = [states, active, inactive, conns, packets, octets]
+        if snap.conntrack.count is not None:
+            out.append(GaugeMetricFamily(p + "conntrack_entries", "netfilter conntrack entries in use",
+                                         value=snap.conntrack.count))
+        if snap.conntrack.max is not None:
+            out.append(GaugeMetricFamily(p + "conntrack_max", "netfilter conntrack table size",
+                                         value=snap.conntrack.max))
+        return out
+
+
 def default_vs_sysctls(mode: Mode) -> dict[str, int]:
     """net.ipv4.vs.* values a director sets (each overridable with --vs-sysctl NAME=VALUE):
 
@@ -118,6 +180,9 @@ class DirectorSettings:
     resync_interval: float = 10.0
     retry_min: float = 0.5
     state_file: Path | None = None  # remembers the VIPs we own across restarts (None: not kept)
+    # Connection states (/proc/net/ip_vs_conn, a million lines on a busy director) and IPVS
+    # counters are read this often, by a task of their own.
+    stats_interval: float = 10.0
 
 
 def load_owned_vips(path: Path | None) -> frozenset[str]:
@@ -174,6 +239,7 @@ class DirectorApp:
         source: StateSource | None,
         settings: DirectorSettings | None = None,
         readiness: Readiness | None = None,
+        stats: StatsSource | None = None,
         registry: CollectorRegistry | None = None,
         describe: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -185,6 +251,12 @@ class DirectorApp:
         self._readiness = readiness
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self._stats_source = stats
+        # Kernel calls on one thread each (kube2ipvs.workers): the reconcile's, and the stats'.
+        self._kernel_thread = KernelThread("director-kernel")
+        self._stats_thread = KernelThread("director-stats")
+        self.stats = StatsSnapshot()
+        self.registry.register(DirectorStats(self))
         self._describe = dict(describe or {})
         self._clock = clock
         self.state: ClusterState | None = None
@@ -208,6 +280,10 @@ class DirectorApp:
 
     # -- running --------------------------------------------------------------------------
 
+    def close(self) -> None:
+        self._kernel_thread.close()
+        self._stats_thread.close()
+
     def offer(self, state: ClusterState) -> None:
         self.state = state
         self.metrics.generation_desired.set(state.generation)
@@ -219,6 +295,8 @@ class DirectorApp:
             if self._source is not None:
                 tg.create_task(self._consume())
             tg.create_task(self._loop())
+            if self._stats_source is not None:
+                tg.create_task(self._stats_loop())
 
     async def _consume(self) -> None:
         assert self._source is not None
@@ -240,6 +318,19 @@ class DirectorApp:
             retry = self.settings.retry_min if self.apply_error is None else \
                 min(retry * 2, self.settings.resync_interval)
 
+    async def _stats_loop(self) -> None:
+        while True:
+            await self.read_stats()
+            await asyncio.sleep(self.settings.stats_interval)
+
+    async def read_stats(self) -> None:
+        if self._stats_source is None:
+            return
+        try:
+            self.stats = await self._stats_thread.run(self._stats_source.read)
+        except Exception as exc:  # the next read will do; /metrics shows the last snapshot
+            log.warning("event=stats_unread error=%s", exc)
+
     async def reconcile_once(self) -> list[Op | str]:
         """Plan and apply against the newest state; nothing at all before the first one."""
         state = self.state
@@ -248,14 +339,14 @@ class DirectorApp:
         changed = state is not self._desired_for
         if changed:
             # desired_ipvs is O(services): 10,000 take some tens of ms, off the loop.
-            self.desired = await asyncio.to_thread(desired_ipvs, state, self.settings.mode)
+            self.desired = await self._kernel_thread.run(desired_ipvs, state, self.settings.mode)
             self._desired_for = state
         trigger = "change" if changed else "resync"
         self.metrics.reconciles.labels(trigger).inc()
         done: list[Op | str] = []
         started = time.perf_counter()
         try:
-            await asyncio.to_thread(self._reconcile, state, done, dump=self._needs_dump or not changed)
+            await self._kernel_thread.run(self._reconcile, state, done, dump=self._needs_dump or not changed)
         except Exception as exc:  # the kernel refused: report, retry with backoff, re-read first
             self.apply_error = f"{type(exc).__name__}: {exc}"
             self._needs_dump = True

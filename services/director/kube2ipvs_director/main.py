@@ -21,10 +21,18 @@ from typing import Any
 from kube2ipvs.natskv import StateSubscriber, StatusBoard
 from kube2ipvs.roleargs import RoleParser, RoleUsageError, add, add_common, nats_settings, positive_float, run_role
 from kube2ipvs.statusserver import StatusServer
-from kube2ipvs_director.app import DEFAULT_STATE_FILE, DirectorApp, DirectorSettings, cleanup, default_vs_sysctls
+from kube2ipvs_director.app import (
+    DEFAULT_STATE_FILE,
+    DirectorApp,
+    DirectorSettings,
+    StatsSnapshot,
+    cleanup,
+    default_vs_sysctls,
+)
 from kube2ipvs_director.host import LinuxHost
 from kube2ipvs_director.kernel import KernelError, LinuxIpvs
 from kube2ipvs_director.plan import Timeouts
+from kube2ipvs_director.stats import read_conntrack, read_ip_vs_conn
 
 log = logging.getLogger("kube2ipvs.director")
 
@@ -86,6 +94,20 @@ def director_settings(args: argparse.Namespace) -> DirectorSettings:
     )
 
 
+class LinuxStats:
+    """/metrics' readings: IPVS counters on a socket of their own (the reconcile uses another),
+    connection states from /proc/net/ip_vs_conn, conntrack use."""
+
+    def __init__(self) -> None:
+        self._ipvs = LinuxIpvs()
+
+    def read(self) -> StatsSnapshot:
+        return StatsSnapshot(self._ipvs.stats(), read_ip_vs_conn(), read_conntrack())
+
+    def close(self) -> None:
+        self._ipvs.close()
+
+
 class BoardReadiness:
     """The director's readiness on the status board, under its host name."""
 
@@ -98,22 +120,30 @@ class BoardReadiness:
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     settings = director_settings(args)
+    probe = LinuxIpvs()  # its own socket: the app's stay on the app's kernel thread (kube2ipvs.workers)
+    try:
+        await asyncio.to_thread(probe.observe)
+    except KernelError as exc:
+        raise RoleUsageError(f"this kernel has no usable IPVS ({exc}); load ip_vs or use another host") from exc
+    finally:
+        probe.close()
     ipvs = LinuxIpvs()
     host = LinuxHost(device=args.device)
+    app: DirectorApp | None = None
     try:
-        try:
-            await asyncio.to_thread(ipvs.observe)
-        except KernelError as exc:
-            raise RoleUsageError(f"this kernel has no usable IPVS ({exc}); load ip_vs or use another host") from exc
         if args.cleanup:
             removed = await asyncio.to_thread(cleanup, ipvs, host, settings.state_file)
-            log.info("event=cleaned_up removed=%d", len(removed))
+            if await asyncio.to_thread(host.remove_device):
+                removed.append(f"DeleteDevice {args.device}")
+            log.info("event=cleaned_up removed=%d what=%r", len(removed), [str(op) for op in removed])
             return 0
         nats = nats_settings(args, name=f"kube2ipvs-director-{args.host_name}")
         subscriber = StateSubscriber(nats)
         board = StatusBoard(nats)
+        stats = LinuxStats()
         app = DirectorApp(
             ipvs, host, source=subscriber, settings=settings, readiness=BoardReadiness(board, args.host_name),
+            stats=stats,
             describe={"mode": args.mode, "host_name": args.host_name, "device": args.device,
                       "drain_timeout": args.drain_timeout,
                       "timeouts": {"tcp": settings.timeouts.tcp, "tcpfin": settings.timeouts.tcpfin,
@@ -143,8 +173,11 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
             await subscriber.close()
             await board.close()
             await server.stop()
+            stats.close()
         return 0
     finally:
+        if app is not None:
+            app.close()
         ipvs.close()
         host.close()
 

@@ -32,6 +32,7 @@ from kube2ipvs.model import service_to_dict
 from kube2ipvs.protocol import NodeSlice
 from kube2ipvs.render.iptables import render_iptables
 from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
+from kube2ipvs.workers import KernelThread
 from kube2ipvs_realserver.kernel import Counters, Kernel
 from kube2ipvs_realserver.plan import (
     AddAddress,
@@ -161,8 +162,15 @@ class RealserverApp:
         self.last_apply_at: float | None = None
         self._kick = asyncio.Event()
         self.reconciled = asyncio.Event()  # set after each reconcile (tests await it)
+        # Kernel calls on one thread each (kube2ipvs.workers): the reconcile's, and the counters'.
+        self._kernel_thread = KernelThread("realserver-kernel")
+        self._counters_thread = KernelThread("realserver-counters")
 
     # -- running --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._kernel_thread.close()
+        self._counters_thread.close()
 
     def offer(self, node_slice: NodeSlice) -> None:
         self.slice = node_slice
@@ -210,7 +218,7 @@ class RealserverApp:
         else:
             # Incremental from the last desired state (about the work of what changed); the first
             # one at 10,000 services takes a second or two: off the loop, so /healthz answers.
-            desired = await asyncio.to_thread(desired_state, node_slice, self.settings, self.desired)
+            desired = await self._kernel_thread.run(desired_state, node_slice, self.settings, self.desired)
             for reason in desired.skipped:
                 log.warning("event=service_skipped node=%s reason=%s", node_slice.node, reason)
             self.desired, self._desired_for = desired, node_slice
@@ -219,7 +227,7 @@ class RealserverApp:
         self.metrics.services.set(len(desired.services))
         done: list[Op] = []
         try:
-            await asyncio.to_thread(self._reconcile, desired, done, resync=resync)
+            await self._kernel_thread.run(self._reconcile, desired, done, resync=resync)
         except Exception as exc:  # the kernel refused: report, retry with backoff, re-read first
             self.applied = None  # unknown now: the next change replaces the table whole
             self.apply_error = f"{type(exc).__name__}: {exc}"
@@ -247,7 +255,7 @@ class RealserverApp:
     async def read_counters(self) -> None:
         """A new snapshot of the kernel's counters for /metrics (blocking work in a thread)."""
         try:
-            self.counters = await asyncio.to_thread(self.kernel.counters)
+            self.counters = await self._counters_thread.run(self.kernel.counters)
         except Exception as exc:  # a table being replaced, a namespace gone: the next read will do
             log.warning("event=counters_unread error=%s", exc)
 

@@ -94,6 +94,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         finally:
             await subscriber.close()
             await server.stop()
+            app.close()
         return 0
     finally:
         kernel.close()

@@ -33,6 +33,8 @@ def service_lines(services: Iterable[IpvsService]) -> list[str]:
                 line += f" -x {d.u_threshold}"
             if d.l_threshold:
                 line += f" -y {d.l_threshold}"
+            if d.forwarding == "i":
+                line += " --tun-type ipip"  # as ipvsadm-save (1.31) prints tunnel real servers
             lines.append(line)
     return lines
 
