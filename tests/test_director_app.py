@@ -5,6 +5,7 @@ failures, readiness and /config. Real IPVS: tests/vm/test_director_app_vm.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -289,3 +290,58 @@ def test_stats_of_owned_services_become_metrics_and_foreign_ones_do_not() -> Non
     assert "kube2ipvs_director_conntrack_max 262144.0" in text
     assert "10.96.0.10" not in text
     app.close()
+
+
+def test_the_loop_follows_states_published_on_nats_publishes_readiness_and_keeps_ipvs_while_nats_is_away(
+    tmp_path: Path,
+) -> None:
+    from kube2ipvs.natskv import KVPublisher, NatsSettings, StateSubscriber, StatusBoard
+    from kube2ipvs.protocol import encode_state, plan_writes
+    from kube2ipvs_director.main import BoardReadiness
+    from tests.natsfixture import running_nats_server
+
+    with running_nats_server(tmp_path / "nats") as server:
+        nats = NatsSettings(servers=(server.url,), reconnect_wait=0.1, connect_timeout=1.0, request_timeout=2.0)
+
+        async def scenario() -> None:
+            ipvs = CountingIpvs()
+            board, reader = StatusBoard(nats), StatusBoard(nats)
+            async with KVPublisher(nats) as pub, StateSubscriber(nats) as subscriber:
+                await board.start()
+                await reader.start()
+                first = encode_state(cluster(1, TWO_NODES))
+                await pub.publish(plan_writes(None, first))
+                app = DirectorApp(ipvs, FakeHost(), source=subscriber, readiness=BoardReadiness(board, "dir-1"),
+                                  settings=DirectorSettings(mode="arp", vs_sysctls=default_vs_sysctls("arp"),
+                                                            resync_interval=0.1))
+                task = asyncio.create_task(app.run())
+                try:
+                    async with asyncio.timeout(15):
+                        while app.applied is None or app.applied.generation != 1:
+                            await asyncio.sleep(0.05)
+                    assert kernel_rules(ipvs) == render_ipvsadm(cluster(1, TWO_NODES), mode="arp")
+                    status = await reader.get("director", "dir-1")
+                    assert status is not None
+                    assert (status["healthy"], status["generation"]) == (True, 1)
+
+                    await pub.publish(plan_writes(first, encode_state(cluster(2, [*TWO_NODES, ("10.0.1.2", "b")]))))
+                    async with asyncio.timeout(15):
+                        while app.applied is None or app.applied.generation != 2:
+                            await asyncio.sleep(0.05)
+                    assert ipvs.batches[-1] == (EditDest(SID, "198.51.100.2", 80, "g", 2, 0, 0),)
+
+                    batches = len(ipvs.batches)
+                    server.stop()
+                    await asyncio.sleep(1.0)  # about ten resyncs while NATS is away
+                    assert len(ipvs.batches) == batches  # IPVS kept exactly as it was
+                    assert app.health().ok
+                    assert app.health().detail["nats_connected"] is False
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    app.close()
+                    await board.close()
+                    await reader.close()
+
+        asyncio.run(scenario())
