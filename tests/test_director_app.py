@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from kube2ipvs.ipvs import desired_ipvs
@@ -345,3 +347,27 @@ def test_the_loop_follows_states_published_on_nats_publishes_readiness_and_keeps
                     await reader.close()
 
         asyncio.run(scenario())
+
+
+@given(st.lists(st.lists(st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.1.1", "10.0.1.2"]),
+                                   st.sampled_from(["a", "b"])), unique_by=lambda e: e[0], max_size=4),
+                min_size=1, max_size=8),
+       st.lists(st.sampled_from(["192.0.2.1", "192.0.2.2", "192.0.2.3"]), min_size=1, max_size=3, unique=True))
+@settings(max_examples=60, deadline=None)
+def test_changes_planned_incrementally_leave_nothing_a_full_plan_would_still_do(
+    steps: list[list[tuple[str, str]]], vips: list[str]
+) -> None:
+    from kube2ipvs_director.plan import AddService, DelDest, DelService, EditService, plan
+
+    ipvs = CountingIpvs()
+    app = director(ipvs, drain_timeout=300)
+    reconcile(app, cluster(1, TWO_NODES, vips=vips))
+    for generation, endpoints in enumerate(steps, start=2):
+        reconcile(app, cluster(generation, endpoints, vips=vips[: 1 + generation % len(vips)]))
+        assert app.observed == ipvs.observe()  # what the change path assumed is what the kernel holds
+        left = plan(app.desired, ipvs.observe(), owned_vips=app.owned_vips, draining=app.draining,
+                    now=1000.0, drain_timeout=300).ops
+        assert not [op for op in left if isinstance(op, AddService | AddDest | EditService)
+                    or (isinstance(op, EditDest) and op.weight > 0)], left
+        assert all(isinstance(op, DelDest | DelService) for op in left), left  # only drains may end later
+    app.close()

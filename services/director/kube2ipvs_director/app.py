@@ -44,8 +44,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kube2ipvs.ipvs import IpvsService, Mode, desired_ipvs
-from kube2ipvs.model import ClusterState
+from kube2ipvs.ipvs import IpvsService, Mode, desired_service
+from kube2ipvs.model import ClusterState, VirtualService
 from kube2ipvs.render.ipvsadm import service_lines
 from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
 from kube2ipvs.workers import KernelThread
@@ -54,12 +54,14 @@ from kube2ipvs_director.plan import (
     DestId,
     Observed,
     Op,
+    ServiceId,
     Timeouts,
     canonical_ip,
     cleanup_plan,
     observed_after,
     observed_as_desired,
     plan,
+    service_id,
 )
 from kube2ipvs_director.stats import ConntrackUsage
 
@@ -262,6 +264,12 @@ class DirectorApp:
         self.state: ClusterState | None = None
         self.desired: tuple[IpvsService, ...] = ()
         self._desired_for: ClusterState | None = None
+        # The desired service of each cluster service, by id() (objects held, so ids stay theirs),
+        # and the desired services as last planned: what a change is compared with.
+        self._memo: dict[int, tuple[VirtualService, IpvsService, ServiceId]] = {}
+        self._want: dict[ServiceId, IpvsService] = {}
+        self._ours: frozenset[str] | None = None  # our VIP addresses as of the last reconcile
+        self._foreign: frozenset[str] | None = None
         self.observed: Observed | None = None  # IPVS after the last successful reconcile
         self.applied: _Applied | None = None
         self.draining: Mapping[DestId, float] = {}
@@ -338,8 +346,7 @@ class DirectorApp:
             return []
         changed = state is not self._desired_for
         if changed:
-            # desired_ipvs is O(services): 10,000 take some tens of ms, off the loop.
-            self.desired = await self._kernel_thread.run(desired_ipvs, state, self.settings.mode)
+            self.desired = await self._kernel_thread.run(self._desired_of, state)
             self._desired_for = state
         trigger = "change" if changed else "resync"
         self.metrics.reconciles.labels(trigger).inc()
@@ -350,6 +357,7 @@ class DirectorApp:
         except Exception as exc:  # the kernel refused: report, retry with backoff, re-read first
             self.apply_error = f"{type(exc).__name__}: {exc}"
             self._needs_dump = True
+            self._ours = None
             self.metrics.apply_errors.inc()
             log.warning("event=apply_failed error=%s", self.apply_error)
         else:
@@ -370,20 +378,58 @@ class DirectorApp:
         self.reconciled.set()
         return done
 
+    def _desired_of(self, state: ClusterState) -> tuple[IpvsService, ...]:
+        """`desired_ipvs(state, mode)`, reusing the result of every service that is the very
+        object it was in the previous state (the subscriber keeps unchanged services)."""
+        fresh: dict[int, tuple[VirtualService, IpvsService, ServiceId]] = {}
+        for vs in state.services:
+            if not vs.backends:
+                continue
+            hit = self._memo.get(id(vs))
+            if hit is not None and hit[0] is vs:
+                fresh[id(vs)] = hit
+            else:
+                svc = desired_service(vs, self.settings.mode)
+                fresh[id(vs)] = (vs, svc, service_id(svc))
+        self._memo = fresh
+        return tuple(svc for _, svc, _ in fresh.values())
+
     def _reconcile(self, state: ClusterState, done: list[Op | str], *, dump: bool) -> None:
-        self._settle_settings(done)
+        """One reconcile on the kernel thread. With `dump` (resyncs, the first one, after a
+        failure, while draining) everything is read from the kernel and planned; otherwise only
+        the services whose desired state changed are planned, against what the last apply left."""
+        full = dump or self.observed is None or self._ours is None
+        if full:
+            self._settle_settings(done)
+            self._ours, self._foreign = self.host.vip_addresses()
+        assert self._ours is not None
+        assert self._foreign is not None
         desired = self.desired
         self.owned_vips = frozenset(canonical_ip(v) for v in state.vips) | self._remembered
         served = frozenset(canonical_ip(s.vip) for s in desired)
-        ours, foreign = self.host.vip_addresses()
-        for vip in sorted(served - ours - foreign):
+        for vip in sorted(served - self._ours - self._foreign):
             self.host.add_vip(vip)
+            self._ours = self._ours | {vip}
             done.append(f"AddVip {vip}")
-        observed = self.ipvs.observe() if dump or self.observed is None else self.observed
+        observed = self.ipvs.observe() if full else self.observed
+        assert observed is not None
         now = self._clock()
-        result = plan(desired, observed, owned_vips=self.owned_vips, draining=self.draining, now=now,
-                      drain_timeout=self.settings.drain_timeout)
-        self.skipped = result.skipped
+        want = {sid: svc for _, svc, sid in self._memo.values()}
+        if full:
+            result = plan(desired, observed, owned_vips=self.owned_vips, draining=self.draining, now=now,
+                          drain_timeout=self.settings.drain_timeout)
+            self.skipped = result.skipped
+            draining = dict(result.draining)
+        else:
+            # Only what changed since the last plan; the drains of other services are kept as they are.
+            before = self._want
+            touched = {sid for sid in want.keys() | before.keys() if want.get(sid) is not before.get(sid)}
+            result = plan([want[sid] for sid in touched if sid in want],
+                          Observed(tuple(s for s in observed.services if s.id in touched)),
+                          owned_vips=self.owned_vips, now=now, drain_timeout=self.settings.drain_timeout,
+                          draining={k: v for k, v in self.draining.items() if k[0] in touched})
+            draining = {k: v for k, v in self.draining.items() if k[0] not in touched} | dict(result.draining)
+        self._want = want
         if result.ops:
             try:
                 self.ipvs.apply(result.ops)
@@ -392,12 +438,14 @@ class DirectorApp:
                 raise
             done.extend(result.ops)
         self.observed = observed_after(observed, result.ops)
-        self.draining, self.wake_at = result.draining, result.wake_at
+        self.draining = draining
+        self.wake_at = min(start + self.settings.drain_timeout for start in draining.values()) if draining else None
         # Addresses of VIPs whose services are gone (drained real servers keep theirs until then).
         still = {s.id.vip for s in self.observed.services if s.id.vip in self.owned_vips}
         self.served_vips = served | frozenset(still)
-        for vip in sorted(ours - self.served_vips):
+        for vip in sorted(self._ours - self.served_vips):
             self.host.delete_vip(vip)
+            self._ours = self._ours - {vip}
             done.append(f"DeleteVip {vip}")
         self._remember(frozenset(canonical_ip(v) for v in state.vips), frozenset(still))
         owned = [s for s in self.observed.services if s.id.vip in self.owned_vips]

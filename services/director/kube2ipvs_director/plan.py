@@ -40,6 +40,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Final, Literal, TypeAlias
 
 from kube2ipvs.ipvs import IpvsDest, IpvsService
@@ -170,6 +171,7 @@ class Timeouts:
     udp: int = 0
 
 
+@lru_cache(maxsize=1 << 17)
 def canonical_ip(address: str) -> str:
     """The address as `ipaddress` writes it; anything else unchanged (it then matches nothing)."""
     try:
@@ -178,6 +180,7 @@ def canonical_ip(address: str) -> str:
         return address
 
 
+@lru_cache(maxsize=1 << 17)
 def _ip_order(address: str) -> tuple[int, int, str]:
     try:
         ip = ipaddress.ip_address(address)
