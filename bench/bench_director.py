@@ -58,7 +58,7 @@ from kube2ipvs.ipvs import IpvsDest, IpvsService
 from kube2ipvs.lbconfig import Protocol
 from kube2ipvs.render.ipvsadm import service_lines
 from kube2ipvs_director.kernel import KernelError, LinuxIpvs
-from kube2ipvs_director.plan import AddDest, EditDest, Observed, Op, observed_after, plan
+from kube2ipvs_director.plan import AddDest, EditDest, Observed, Op, observed_after, plan, service_id
 
 SERVICES_AT_SCALE_1: Final = 10_000
 DESTS_PER_SERVICE: Final = 5
@@ -248,14 +248,19 @@ def changed(svc: IpvsService, change: Change) -> IpvsService:
 def director_changes(kernel: LinuxIpvs, desired: list[IpvsService], owned: frozenset[str], observed: Observed,
                      changes: int, make: Callable[[Sequence[IpvsService], random.Random], Change],
                      rng: random.Random) -> tuple[dict[str, Any], Observed]:
-    """`changes` one-endpoint changes through plan -> apply -> observed_after; `desired` is updated."""
+    """`changes` one-endpoint changes as the director's change path makes them: plan of the
+    services whose desired state changed (here the one) against what the last apply left, apply,
+    observed_after; `desired` is updated."""
     plans, applies, totals, op_counts = [], [], [], []
     kinds: set[str] = set()
     for _ in range(changes):
         change = make(desired, rng)
         desired[change.index] = changed(desired[change.index], change)
         t0 = time.perf_counter()
-        ops: Sequence[Op] = plan(desired, observed, owned_vips=owned).ops
+        touched = service_id(desired[change.index])
+        ops: Sequence[Op] = plan([desired[change.index]],
+                                 Observed(tuple(s for s in observed.services if s.id == touched)),
+                                 owned_vips=owned).ops
         t1 = time.perf_counter()
         kernel.apply(ops)
         t2 = time.perf_counter()

@@ -329,7 +329,10 @@ def test_apply_stops_at_the_first_refused_op_and_names_it(kernel: LinuxIpvs) -> 
     with pytest.raises(ApplyError) as caught:
         kernel.apply(ops)
     assert (caught.value.index, caught.value.op) == (1, ops[1])
-    assert grouped(ipvsadm("-S", "-n")) == {"-A -t 192.0.2.10:80 -s wrr": []}
+    # The batch went on past the refusal: the later add ran (and is named), no withdrawal did.
+    assert caught.value.applied == (0, 2)
+    assert grouped(ipvsadm("-S", "-n")) == {
+        "-A -t 192.0.2.10:80 -s wrr": ["-a -t 192.0.2.10:80 -r 198.51.100.2:80 -g -w 1"]}
 
 
 def test_adding_what_exists_sets_it_and_deleting_what_is_gone_is_done(kernel: LinuxIpvs) -> None:

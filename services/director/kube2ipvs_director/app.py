@@ -434,7 +434,7 @@ class DirectorApp:
             try:
                 self.ipvs.apply(result.ops)
             except ApplyError as exc:
-                done.extend(result.ops[:exc.index])  # in the kernel; the next reconcile re-reads it
+                done.extend(result.ops[i] for i in exc.applied)  # in the kernel; the next reconcile re-reads it
                 raise
             done.extend(result.ops)
         self.observed = observed_after(observed, result.ops)
