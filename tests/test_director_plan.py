@@ -3,6 +3,7 @@ nothing touched outside the configured VIPs. `FakeIpvs` is the simulator the ops
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -29,7 +30,7 @@ from kube2ipvs_director.plan import (
     cleanup_plan,
     plan,
 )
-from tests.conftest import realistic_state
+from tests.conftest import Golden, realistic_state
 
 VIP = "192.0.2.10"
 OWNED = frozenset({"192.0.2.10", "192.0.2.11", "2001:db8::10"})
@@ -412,3 +413,31 @@ def test_a_removed_node_is_deleted_exactly_when_idle_or_timed_out(
     gone = active == 0 or elapsed >= TIMEOUT
     assert (DelDest(sid_, node.address, node.port) in p.ops) is gone
     assert ((sid_, node.address, node.port) in p.draining) is not gone
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden: the realistic fixture's plans, as text a reviewer reads
+
+
+def _op_text(op: Op) -> str:
+    fields = ", ".join(f"{f.name}={getattr(op, f.name)}" for f in dataclasses.fields(op) if f.name != "service")
+    return f"{type(op).__name__} {op.service} {fields}".rstrip()
+
+
+def test_golden_plans_of_the_realistic_fixture(golden: Golden) -> None:
+    state = realistic_state()
+    owned = set(state.vips)
+    desired = desired_ipvs(state, "bgp")
+    empty = plan(desired, Observed(), owned_vips=owned)
+    fake = FakeIpvs()
+    fake.apply(empty.ops)
+    # Then: the first service's first real server loses its last endpoint (drain start), and
+    # the second one gains a pod (one set).
+    first, second = desired[0], desired[1]
+    changed = [replace(first, dests=first.dests[1:]),
+               replace(second, dests=(replace(second.dests[0], weight=second.dests[0].weight + 1),
+                                       *second.dests[1:])), *desired[2:]]
+    after = plan(changed, fake.observe(), owned_vips=owned, now=0.0)
+    text = ["# from an empty kernel", *map(_op_text, empty.ops), "# one node drained, one weight up",
+            *map(_op_text, after.ops)]
+    golden.check("realistic-bgp.director-plan", "\n".join(text) + "\n")
