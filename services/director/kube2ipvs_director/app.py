@@ -49,6 +49,7 @@ from kube2ipvs.model import ClusterState, VirtualService
 from kube2ipvs.render.ipvsadm import service_lines
 from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
 from kube2ipvs.workers import KernelThread
+from kube2ipvs_director.garp import GarpSchedule
 from kube2ipvs_director.kernel import ApplyError, Ipvs, ServiceStats
 from kube2ipvs_director.plan import (
     DestId,
@@ -96,6 +97,12 @@ class Host(Protocol):
 
 class Readiness(Protocol):
     async def publish(self, status: Mapping[str, Any]) -> None: ...
+
+
+class Announcer(Protocol):
+    """Gratuitous ARP / unsolicited NA sender (garp.GarpSender): blocking, one frame per VIP."""
+
+    def announce(self, vips: Iterable[str]) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +192,7 @@ class DirectorSettings:
     # Connection states (/proc/net/ip_vs_conn, a million lines on a busy director) and IPVS
     # counters are read this often, by a task of their own.
     stats_interval: float = 10.0
+    garp_period: float = 2.0  # ARP mode: every served VIP is announced at least this often
 
 
 def load_owned_vips(path: Path | None) -> frozenset[str]:
@@ -223,6 +231,11 @@ class Metrics:
                               registry=registry)
         self.settings_ok = Gauge(p + "settings_ok", "1 while the IPVS timeouts and sysctls have their values",
                                  registry=registry)
+        self.garp_sent = Counter(p + "garp_sent_total", "Gratuitous ARPs and unsolicited NAs sent", registry=registry)
+        self.garp_errors = Counter(p + "garp_errors_total", "Announcement rounds that failed", registry=registry)
+        self.garp_max_interval = Gauge(p + "garp_max_interval_seconds",
+                                       "Largest time between two announcements of one VIP so far",
+                                       registry=registry)
 
 
 @dataclass
@@ -242,6 +255,7 @@ class DirectorApp:
         settings: DirectorSettings | None = None,
         readiness: Readiness | None = None,
         stats: StatsSource | None = None,
+        announcer: Announcer | None = None,
         registry: CollectorRegistry | None = None,
         describe: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -257,6 +271,11 @@ class DirectorApp:
         # Kernel calls on one thread each (kube2ipvs.workers): the reconcile's, and the stats'.
         self._kernel_thread = KernelThread("director-kernel")
         self._stats_thread = KernelThread("director-stats")
+        # ARP mode: the served VIPs announced at once when they appear, then every garp_period.
+        self._announcer = announcer
+        self._garp_thread = KernelThread("director-garp")
+        self.garp = GarpSchedule(period=self.settings.garp_period)
+        self._garp_kick = asyncio.Event()
         self.stats = StatsSnapshot()
         self.registry.register(DirectorStats(self))
         self._describe = dict(describe or {})
@@ -291,6 +310,7 @@ class DirectorApp:
     def close(self) -> None:
         self._kernel_thread.close()
         self._stats_thread.close()
+        self._garp_thread.close()
 
     def offer(self, state: ClusterState) -> None:
         self.state = state
@@ -305,6 +325,8 @@ class DirectorApp:
             tg.create_task(self._loop())
             if self._stats_source is not None:
                 tg.create_task(self._stats_loop())
+            if self._announcer is not None:
+                tg.create_task(self._garp_loop())
 
     async def _consume(self) -> None:
         assert self._source is not None
@@ -330,6 +352,34 @@ class DirectorApp:
         while True:
             await self.read_stats()
             await asyncio.sleep(self.settings.stats_interval)
+
+    async def _garp_loop(self) -> None:
+        while True:
+            await self.announce_due()
+            wake = self.garp.wake_at()
+            wait = 1.0 if wake is None else min(1.0, max(0.0, wake - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._garp_kick.wait(), wait)
+            self._garp_kick.clear()
+
+    async def announce_due(self) -> int:
+        """Announce the served VIPs that are due (all new ones at once); the count sent."""
+        if self._announcer is None:
+            return 0
+        self.garp.update(self.served_vips if self.applied is not None else (), self._clock())
+        due = self.garp.due(self._clock())
+        if not due:
+            return 0
+        try:
+            sent = await self._garp_thread.run(self._announcer.announce, due)
+        except OSError as exc:  # the interface went away: report, try again next time
+            self.metrics.garp_errors.inc()
+            log.warning("event=garp_failed error=%s", exc)
+            return 0
+        self.garp.sent(due, self._clock())
+        self.metrics.garp_sent.inc(sent)
+        self.metrics.garp_max_interval.set(self.garp.max_interval)
+        return sent
 
     async def read_stats(self) -> None:
         if self._stats_source is None:
@@ -375,6 +425,8 @@ class DirectorApp:
         if done and not changed and self.apply_error is None:
             self.metrics.drift_repairs.inc(len(done))
         await self._publish_readiness()
+        if self._announcer is not None and self.served_vips - self.garp.next_due.keys():
+            self._garp_kick.set()  # a VIP to attract: announce it now, not at the next tick
         self.reconciled.set()
         return done
 

@@ -29,6 +29,7 @@ from kube2ipvs_director.app import (
     cleanup,
     default_vs_sysctls,
 )
+from kube2ipvs_director.garp import GarpSender
 from kube2ipvs_director.host import LinuxHost
 from kube2ipvs_director.kernel import KernelError, LinuxIpvs
 from kube2ipvs_director.plan import Timeouts
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="name this director publishes its readiness under (default: the host name)")
     add(p, "--device", default="kube2ipvs0",
         help="device for the VIP addresses: a dummy link, created if missing (default kube2ipvs0), or lo")
+    add(p, "--interface", metavar="DEV",
+        help="ARP mode: the interface gratuitous ARPs (IPv6: unsolicited NAs) go out on (required there)")
+    add(p, "--garp-period", type=positive_float, default=2.0, metavar="S",
+        help="ARP mode: every served VIP is announced at least this often (default 2)")
     add(p, "--drain-timeout", type=positive_float, default=300.0, metavar="S",
         help="a real server that lost its last endpoint is removed once idle, or after this long (default 300)")
     add(p, "--tcp-timeout", type=timeout_seconds, default=900, metavar="S",
@@ -91,6 +96,7 @@ def director_settings(args: argparse.Namespace) -> DirectorSettings:
         mode=args.mode, drain_timeout=args.drain_timeout,
         timeouts=Timeouts(tcp=args.tcp_timeout, tcpfin=args.tcpfin_timeout, udp=args.udp_timeout),
         vs_sysctls=sysctls, resync_interval=args.resync_interval, state_file=Path(args.state_file),
+        garp_period=args.garp_period,
     )
 
 
@@ -118,15 +124,30 @@ class BoardReadiness:
         await self._board.put("director", self._host, status)
 
 
-async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    settings = director_settings(args)
+def require_ipvs() -> None:
     probe = LinuxIpvs()  # its own socket: the app's stay on the app's kernel thread (kube2ipvs.workers)
     try:
-        await asyncio.to_thread(probe.observe)
+        probe.observe()
     except KernelError as exc:
         raise RoleUsageError(f"this kernel has no usable IPVS ({exc}); load ip_vs or use another host") from exc
     finally:
         probe.close()
+
+
+def make_announcer(args: argparse.Namespace) -> GarpSender | None:
+    if args.mode != "arp":
+        return None
+    if not args.interface:
+        raise RoleUsageError("--interface is required in ARP mode (where gratuitous ARPs go out)")
+    try:
+        return GarpSender(args.interface)
+    except OSError as exc:
+        raise RoleUsageError(f"--interface {args.interface}: {exc}") from exc
+
+
+async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    settings = director_settings(args)
+    await asyncio.to_thread(require_ipvs)
     ipvs = LinuxIpvs()
     host = LinuxHost(device=args.device)
     app: DirectorApp | None = None
@@ -137,13 +158,14 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 removed.append(f"DeleteDevice {args.device}")
             log.info("event=cleaned_up removed=%d what=%r", len(removed), [str(op) for op in removed])
             return 0
+        announcer = make_announcer(args)
         nats = nats_settings(args, name=f"kube2ipvs-director-{args.host_name}")
         subscriber = StateSubscriber(nats)
         board = StatusBoard(nats)
         stats = LinuxStats()
         app = DirectorApp(
             ipvs, host, source=subscriber, settings=settings, readiness=BoardReadiness(board, args.host_name),
-            stats=stats,
+            stats=stats, announcer=announcer,
             describe={"mode": args.mode, "host_name": args.host_name, "device": args.device,
                       "drain_timeout": args.drain_timeout,
                       "timeouts": {"tcp": settings.timeouts.tcp, "tcpfin": settings.timeouts.tcpfin,
@@ -174,6 +196,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
             await board.close()
             await server.stop()
             stats.close()
+            if announcer is not None:
+                announcer.close()
         return 0
     finally:
         if app is not None:
