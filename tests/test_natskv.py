@@ -21,6 +21,7 @@ from kube2ipvs import natskv
 from kube2ipvs.model import ClusterState, VirtualService
 from kube2ipvs.natskv import (
     KVPublisher,
+    Lease,
     NatsSettings,
     NodeSliceSubscriber,
     StateSubscriber,
@@ -603,3 +604,34 @@ def test_a_status_put_is_read_back_and_expires_when_not_refreshed(nats_server: N
 
 def test_status_keys_are_one_token_per_host() -> None:
     assert status_key("director", "node-1.example.com") == "director.node-1_example_com"
+
+
+# ---------------------------------------------------------------------------------------------
+# Lease: one holder at a time; taken over only after it expired or was released
+
+
+def test_a_lease_has_one_holder_until_it_expires_or_is_released(nats_server: NatsServer) -> None:
+    async def scenario() -> None:
+        a = Lease(settings(nats_server), "arp", "dir-a", ttl=1.0, bucket="k2i-lease-test")
+        b = Lease(settings(nats_server), "arp", "dir-b", ttl=1.0, bucket="k2i-lease-test")
+        await a.start()
+        await b.start()
+        try:
+            assert await a.hold()
+            assert not await b.hold()
+            assert await a.hold()  # renewed
+            assert await b.current_holder() == "dir-a"
+            await asyncio.sleep(0.6)
+            assert await a.hold()  # renewed before the expiry: still ours
+            await asyncio.sleep(0.6)
+            assert not await b.hold()  # 1.2 s after the first hold, but only 0.6 s after the renewal
+            await asyncio.sleep(1.6)  # a stops renewing: its value expires
+            assert await b.hold()
+            assert not await a.hold()  # its compare-and-set fails: b took it
+            await b.release()
+            assert await a.hold()  # released: no need to wait for an expiry
+        finally:
+            await a.close()
+            await b.close()
+
+    run(scenario())

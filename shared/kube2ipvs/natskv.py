@@ -1,7 +1,7 @@
 """NATS JetStream key-value transport for the cluster-state protocol (docs/protocol.md).
 
 The only module of kube2ipvs that imports `nats`; every encoding decision lives in the pure
-`kube2ipvs.protocol`. Four roles:
+`kube2ipvs.protocol`. Five roles:
 
 - `KVPublisher` (watcher): creates or binds the bucket, writes `protocol.plan_writes` batches in
   their order, and reads the whole bucket back so a restarted or new leader publishes only
@@ -11,6 +11,7 @@ The only module of kube2ipvs that imports `nats`; every encoding decision lives 
 - `NodeSliceSubscriber` (realserver): watches its own node's keys (`node.<node>.>`) only.
 - `StatusBoard` (director, bgp-speaker): small expiring status documents in a bucket of their
   own, so a bgp-speaker announces only what the director on its host has applied.
+- `Lease` (ARP directors): an exclusive lease that expires unless renewed: one active director.
 
 Concurrency. Each object owns one nats-py connection. nats-py runs its reader, flusher and pinger
 tasks, plus one task per subscription, in the caller's event loop, and calls our
@@ -948,3 +949,86 @@ class StatusBoard:
         except ValueError:
             return None
         return doc if isinstance(doc, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Lease (one active ARP director)
+
+LEASE_BUCKET: Final = "kube2ipvs-leases"
+
+
+class Lease:
+    """An exclusive, expiring lease in a KV bucket whose values live `ttl` seconds: `hold()`
+    acquires it when free (compare-and-set on "absent") or renews it when ours (compare-and-set
+    on our last revision). A holder that stops renewing loses it `ttl` seconds after its last
+    renewal, when the server expires the value; nobody else can take it before that. The caller
+    must treat itself as holding only while its last successful `hold()` is younger than `ttl`
+    (a holder cut off from NATS cannot know whether another took over after the expiry).
+    """
+
+    def __init__(self, settings: NatsSettings, name: str, holder: str, *, ttl: float = 1.5,
+                 bucket: str = LEASE_BUCKET) -> None:
+        self._link = _Link(settings)
+        self.name, self.holder, self.ttl, self._bucket = name, holder, ttl, bucket
+        self._kv: Any = None
+        self._revision: int | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._link.connected
+
+    async def start(self) -> None:
+        await self._link.open()
+        self._kv = await _retrying("lease_bucket", self._bind_or_create)
+
+    async def close(self) -> None:
+        await self._link.close()
+
+    async def _bind_or_create(self) -> Any:
+        js = self._link.jetstream()
+        try:
+            return await js.key_value(self._bucket)
+        except nats.js.errors.BucketNotFoundError:
+            pass
+        config = KeyValueConfig(bucket=self._bucket, history=1, storage=StorageType.MEMORY, ttl=self.ttl,
+                                description="kube2ipvs leases (one active ARP director)")
+        try:
+            return await js.create_key_value(config)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                raise
+            return await js.key_value(self._bucket)
+
+    async def hold(self) -> bool:
+        """Acquire or renew; True when we hold the lease now. Raises when NATS is away."""
+        if self._kv is None:
+            raise KVError("lease not started")
+        value = self.holder.encode()
+        if self._revision is not None:
+            try:
+                self._revision = await self._kv.update(self.name, value, last=self._revision)
+                return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self._revision = None  # expired and taken, or expired: try to take it again below
+        try:
+            self._revision = await self._kv.create(self.name, value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False  # someone else holds it
+        return True
+
+    async def release(self) -> None:
+        """Give the lease up at once (a planned stop), so a standby need not wait for the expiry."""
+        if self._kv is None or self._revision is None:
+            return
+        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            await self._kv.delete(self.name, last=self._revision)
+        self._revision = None
+
+    async def current_holder(self) -> str | None:
+        if self._kv is None:
+            raise KVError("lease not started")
+        try:
+            entry = await self._kv.get(self.name)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return entry.value.decode() if entry.value else None

@@ -99,6 +99,16 @@ class Readiness(Protocol):
     async def publish(self, status: Mapping[str, Any]) -> None: ...
 
 
+class Leadership(Protocol):
+    """An expiring exclusive lease (natskv.Lease): ARP directors hold VIPs only while they hold it."""
+
+    ttl: float
+
+    async def hold(self) -> bool: ...
+
+    async def release(self) -> None: ...
+
+
 class Announcer(Protocol):
     """Gratuitous ARP / unsolicited NA sender (garp.GarpSender): blocking, one frame per VIP."""
 
@@ -233,6 +243,9 @@ class Metrics:
                                  registry=registry)
         self.garp_sent = Counter(p + "garp_sent_total", "Gratuitous ARPs and unsolicited NAs sent", registry=registry)
         self.garp_errors = Counter(p + "garp_errors_total", "Announcement rounds that failed", registry=registry)
+        self.active = Gauge(p + "active", "1 while this director holds its VIPs (ARP mode: holds the lease)",
+                            registry=registry)
+        self.active.set(1)
         self.garp_max_interval = Gauge(p + "garp_max_interval_seconds",
                                        "Largest time between two announcements of one VIP so far",
                                        registry=registry)
@@ -256,6 +269,7 @@ class DirectorApp:
         readiness: Readiness | None = None,
         stats: StatsSource | None = None,
         announcer: Announcer | None = None,
+        leadership: Leadership | None = None,
         registry: CollectorRegistry | None = None,
         describe: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -267,6 +281,8 @@ class DirectorApp:
         self._readiness = readiness
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        if leadership is not None:
+            self.metrics.active.set(0)
         self._stats_source = stats
         # Kernel calls on one thread each (kube2ipvs.workers): the reconcile's, and the stats'.
         self._kernel_thread = KernelThread("director-kernel")
@@ -276,6 +292,11 @@ class DirectorApp:
         self._garp_thread = KernelThread("director-garp")
         self.garp = GarpSchedule(period=self.settings.garp_period)
         self._garp_kick = asyncio.Event()
+        # With a lease (ARP mode with standbys): VIP addresses and announcements only while we
+        # hold it; IPVS is programmed either way, so a takeover only adds addresses and announces.
+        self._leadership = leadership
+        self.active = leadership is None
+        self._held_at: float | None = None
         self.stats = StatsSnapshot()
         self.registry.register(DirectorStats(self))
         self._describe = dict(describe or {})
@@ -327,6 +348,8 @@ class DirectorApp:
                 tg.create_task(self._stats_loop())
             if self._announcer is not None:
                 tg.create_task(self._garp_loop())
+            if self._leadership is not None:
+                tg.create_task(self._lease_loop())
 
     async def _consume(self) -> None:
         assert self._source is not None
@@ -353,6 +376,44 @@ class DirectorApp:
             await self.read_stats()
             await asyncio.sleep(self.settings.stats_interval)
 
+    async def _lease_loop(self) -> None:
+        assert self._leadership is not None
+        every = self._leadership.ttl / 3
+        while True:
+            await self.check_lease()
+            await asyncio.sleep(every)
+
+    async def check_lease(self) -> bool:
+        """Renew or take the lease; we count as active while the last success is younger than
+        its ttl (after that another director may hold it). Returns whether we are active."""
+        assert self._leadership is not None
+        try:
+            async with asyncio.timeout(self._leadership.ttl / 3):
+                if await self._leadership.hold():
+                    self._held_at = self._clock()
+        except Exception as exc:  # NATS away: we cannot renew, and step down when the lease runs out
+            log.warning("event=lease_unrenewed error=%r", exc)
+        active = self._held_at is not None and self._clock() - self._held_at < self._leadership.ttl
+        if active != self.active:
+            self.active = active
+            log.warning("event=%s", "became_active" if active else "became_standby")
+            self.metrics.active.set(1 if active else 0)
+            if active and self.applied is not None:
+                # IPVS is programmed already: take the addresses and announce them at once,
+                # without waiting for a reconcile (whose resync reads every service).
+                await self._kernel_thread.run(self._claim_vips)
+            self._kick.set()  # and reconcile (a standby drops its addresses there)
+            self._garp_kick.set()
+        return active
+
+    def _claim_vips(self) -> None:
+        served = frozenset(canonical_ip(s.vip) for s in self.desired)
+        ours, foreign = self.host.vip_addresses()
+        for vip in sorted(served - ours - foreign):
+            self.host.add_vip(vip)
+        self._ours, self._foreign = ours | (served - foreign), foreign
+        self.served_vips = self.served_vips | served
+
     async def _garp_loop(self) -> None:
         while True:
             await self.announce_due()
@@ -366,7 +427,7 @@ class DirectorApp:
         """Announce the served VIPs that are due (all new ones at once); the count sent."""
         if self._announcer is None:
             return 0
-        self.garp.update(self.served_vips if self.applied is not None else (), self._clock())
+        self.garp.update(self.served_vips if self.applied is not None and self.active else (), self._clock())
         due = self.garp.due(self._clock())
         if not due:
             return 0
@@ -458,7 +519,7 @@ class DirectorApp:
         assert self._foreign is not None
         desired = self.desired
         self.owned_vips = frozenset(canonical_ip(v) for v in state.vips) | self._remembered
-        served = frozenset(canonical_ip(s.vip) for s in desired)
+        served = frozenset(canonical_ip(s.vip) for s in desired) if self.active else frozenset()
         for vip in sorted(served - self._ours - self._foreign):
             self.host.add_vip(vip)
             self._ours = self._ours | {vip}
@@ -494,7 +555,7 @@ class DirectorApp:
         self.wake_at = min(start + self.settings.drain_timeout for start in draining.values()) if draining else None
         # Addresses of VIPs whose services are gone (drained real servers keep theirs until then).
         still = {s.id.vip for s in self.observed.services if s.id.vip in self.owned_vips}
-        self.served_vips = served | frozenset(still)
+        self.served_vips = served | frozenset(still) if self.active else frozenset()
         for vip in sorted(self._ours - self.served_vips):
             self.host.delete_vip(vip)
             self._ours = self._ours - {vip}
@@ -556,6 +617,7 @@ class DirectorApp:
             "version": 1,
             "role": "director",
             "mode": self.settings.mode,
+            "active": self.active,
             "healthy": health.ok,
             "reason": health.reason,
             "generation": self.applied.generation if self.applied else None,
@@ -577,6 +639,7 @@ class DirectorApp:
     def health(self) -> Health:
         detail: dict[str, Any] = {
             "mode": self.settings.mode,
+            "active": self.active,
             "nats_connected": self._source.connected if self._source is not None else None,
             "generation_desired": self.state.generation if self.state else None,
             "generation_applied": self.applied.generation if self.applied else None,

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kube2ipvs.natskv import StateSubscriber, StatusBoard
+from kube2ipvs.natskv import Lease, StateSubscriber, StatusBoard
 from kube2ipvs.roleargs import RoleParser, RoleUsageError, add, add_common, nats_settings, positive_float, run_role
 from kube2ipvs.statusserver import StatusServer
 from kube2ipvs_director.app import (
@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ARP mode: the interface gratuitous ARPs (IPv6: unsolicited NAs) go out on (required there)")
     add(p, "--garp-period", type=positive_float, default=2.0, metavar="S",
         help="ARP mode: every served VIP is announced at least this often (default 2)")
+    add(p, "--lease", default="arp-directors", metavar="NAME",
+        help="ARP mode: the NATS lease the ARP directors of one segment share; only its holder holds "
+             "the VIPs and announces them, the others stand by with IPVS programmed (default "
+             "arp-directors; '' for a lone director without a lease)")
+    add(p, "--lease-ttl", type=positive_float, default=1.5, metavar="S",
+        help="ARP mode: a standby takes over this long after the active director stopped renewing (default 1.5)")
     add(p, "--drain-timeout", type=positive_float, default=300.0, metavar="S",
         help="a real server that lost its last endpoint is removed once idle, or after this long (default 300)")
     add(p, "--tcp-timeout", type=timeout_seconds, default=900, metavar="S",
@@ -134,6 +140,12 @@ def require_ipvs() -> None:
         probe.close()
 
 
+def drop_vips(host: LinuxHost) -> None:
+    ours, _ = host.vip_addresses()
+    for vip in sorted(ours):
+        host.delete_vip(vip)
+
+
 def make_announcer(args: argparse.Namespace) -> GarpSender | None:
     if args.mode != "arp":
         return None
@@ -143,6 +155,29 @@ def make_announcer(args: argparse.Namespace) -> GarpSender | None:
         return GarpSender(args.interface)
     except OSError as exc:
         raise RoleUsageError(f"--interface {args.interface}: {exc}") from exc
+
+
+async def serve(app: DirectorApp, subscriber: StateSubscriber, board: StatusBoard, lease: Lease | None,
+                host: LinuxHost, stop: asyncio.Event) -> None:
+    await subscriber.start()
+    # The board connects in the background (until NATS answers); readiness published before
+    # that fails, is logged, and goes out with the next reconcile.
+    tasks = [asyncio.create_task(board.start(), name="status-board")]
+    if lease is not None:
+        await lease.start()  # before the app checks it
+    tasks.append(asyncio.create_task(app.run(), name="director"))
+    await stop.wait()
+    log.info("event=stopping role=director")
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if lease is not None and app.active:
+        # A planned stop of the active ARP director: drop the VIPs, then the lease, so a standby
+        # takes over at once instead of after the lease's expiry.
+        await asyncio.to_thread(drop_vips, host)
+        await lease.release()
 
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
@@ -162,10 +197,12 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         nats = nats_settings(args, name=f"kube2ipvs-director-{args.host_name}")
         subscriber = StateSubscriber(nats)
         board = StatusBoard(nats)
+        lease = Lease(nats, args.lease, args.host_name, ttl=args.lease_ttl) if args.mode == "arp" and args.lease \
+            else None
         stats = LinuxStats()
         app = DirectorApp(
             ipvs, host, source=subscriber, settings=settings, readiness=BoardReadiness(board, args.host_name),
-            stats=stats, announcer=announcer,
+            stats=stats, announcer=announcer, leadership=lease,
             describe={"mode": args.mode, "host_name": args.host_name, "device": args.device,
                       "drain_timeout": args.drain_timeout,
                       "timeouts": {"tcp": settings.timeouts.tcp, "tcpfin": settings.timeouts.tcpfin,
@@ -179,21 +216,12 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         await server.start()
         log.info("event=started role=director listen=%s:%d mode=%s", listen_host, server.port, args.mode)
         try:
-            await subscriber.start()
-            # The board connects in the background (until NATS answers); readiness published
-            # before that fails, is logged, and goes out with the next reconcile.
-            tasks = [asyncio.create_task(board.start(), name="status-board"),
-                     asyncio.create_task(app.run(), name="director")]
-            await stop.wait()
-            log.info("event=stopping role=director")
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await serve(app, subscriber, board, lease, host, stop)
         finally:
             await subscriber.close()
             await board.close()
+            if lease is not None:
+                await lease.close()
             await server.stop()
             stats.close()
             if announcer is not None:
