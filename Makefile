@@ -131,6 +131,7 @@ bench: install
 	$(VPY) bench/bench_render.py $(BENCH_ARGS)
 	$(VPY) bench/bench_watcher.py $(BENCH_ARGS)
 	$(VPY) bench/bench_realserver.py $(BENCH_ARGS)
+	$(VPY) bench/bench_maglev.py $(BENCH_ARGS)
 	bench/run_director_bench.sh $(BENCH_ARGS)
 
 clean:
