@@ -23,14 +23,14 @@ def test_new_vips_are_due_at_once_then_every_period_and_gone_ones_are_forgotten(
     s.update(["192.0.2.2", "192.0.2.1"], now=10.0)
     assert s.due(10.0) == ["192.0.2.1", "192.0.2.2"]
     s.sent(s.due(10.0), 10.0)
-    assert s.due(11.9) == []
-    assert s.wake_at() == 12.0
+    assert s.due(11.5) == []
+    assert s.wake_at() == 11.6  # 0.8 of the period: the round and the timer fit in the rest
     s.update(["192.0.2.1", "192.0.2.3"], now=11.0)  # .2 leaves, .3 comes
     assert s.due(11.0) == ["192.0.2.3"]
     s.sent(["192.0.2.3"], 11.0)
-    assert s.due(12.0) == ["192.0.2.1"]
-    s.sent(["192.0.2.1"], 12.1)
-    assert abs(s.max_interval - 2.1) < 1e-9
+    assert s.due(11.6) == ["192.0.2.1"]
+    s.sent(["192.0.2.1"], 11.7)
+    assert abs(s.max_interval - 1.7) < 1e-9
     assert set(s.next_due) == {"192.0.2.1", "192.0.2.3"}
 
 
@@ -45,7 +45,7 @@ def test_however_many_vips_each_is_announced_within_the_period() -> None:
         wake = s.wake_at()
         assert wake is not None
         now = max(now + 0.01, wake)
-    assert s.max_interval <= 2.0 + 0.05 + 0.01
+    assert s.max_interval <= 2.0  # the period, although a round takes 0.05 s
 
 
 def test_the_garp_is_an_arp_request_for_the_vip_from_the_vip() -> None:
@@ -97,18 +97,19 @@ def test_an_arp_director_announces_what_it_serves_at_once_and_then_every_period(
         app.offer(cluster(1, TWO_NODES, vips=("192.0.2.1", "192.0.2.2")))
         await app.reconcile_once()
         assert await app.announce_due() == 2
-        clock[0] = 101.0
+        clock[0] = 101.5
         assert await app.announce_due() == 0
         app.offer(cluster(2, TWO_NODES, vips=("192.0.2.1", "192.0.2.2", "192.0.2.3")))
         await app.reconcile_once()
         assert app._garp_kick.is_set()  # the loop wakes for the new VIP at once
         assert await app.announce_due() == 1
-        clock[0] = 102.0
+        clock[0] = 101.6
         assert await app.announce_due() == 2
 
     asyncio.run(scenario())
     assert recorder.rounds == [["192.0.2.1", "192.0.2.2"], ["192.0.2.3"], ["192.0.2.1", "192.0.2.2"]]
     text = generate_latest(app.registry).decode()
     assert "kube2ipvs_director_garp_sent_total 5.0" in text
-    assert "kube2ipvs_director_garp_max_interval_seconds 2.0" in text
+    assert abs(app.garp.max_interval - 1.6) < 1e-9  # 100.0 -> 101.6
+    assert "kube2ipvs_director_garp_max_interval_seconds 1.59999" in text
     app.close()

@@ -112,9 +112,9 @@ def test_every_one_of_1000_vips_is_announced_within_the_period_and_the_router_le
 
     assert set(seen) == set(VIPS + VIPS6)
     gaps = [b - a for times in seen.values() for a, b in itertools.pairwise(times)]
-    assert min(len(times) for times in seen.values()) >= 3  # at once, then at 1 s and 2 s (and 3 s)
-    assert max(gaps) <= PERIOD + 0.5, max(gaps)  # the bound, as the router saw it (a busy machine may lag)
-    assert schedule.max_interval <= PERIOD + 0.5
+    assert min(len(times) for times in seen.values()) >= 4  # at once, then about every 0.8 s
+    assert max(gaps) <= PERIOD, max(gaps)  # the bound, as the router saw it
+    assert schedule.max_interval <= PERIOD
     assert max(rounds) < 0.5  # a round of 1,010 frames
     neigh = router.ip("neigh", "show", "dev", "r0")
     assert f"{VIPS[0]} lladdr {mac}" in neigh

@@ -31,6 +31,9 @@ BROADCAST: Final = b"\xff" * 6
 ALL_NODES: Final = "ff02::1"
 ALL_NODES_MAC: Final = bytes.fromhex("333300000001")
 NA_OVERRIDE: Final = 0x20000000
+# A VIP is next due this share of the period after it was sent: the interval the neighbours see
+# is that plus the time of a round and of the timer's slack, and must stay within the period.
+RESEND_FRACTION: Final = 0.8
 
 
 @dataclass
@@ -38,7 +41,9 @@ class GarpSchedule:
     """When each VIP is announced next. Pure: the caller passes the clock.
 
     `update(vips, now)`: new VIPs become due at once, gone ones are forgotten. `due(now)`: the
-    VIPs to announce now (earliest first). `sent(vips, now)`: they are next due `period` later.
+    VIPs to announce now (earliest first). `sent(vips, now)`: they are next due
+    `RESEND_FRACTION * period` later, so that with the round's own time the interval between
+    two announcements of a VIP stays within `period`.
     `max_interval`: the largest time between two announcements of one VIP seen so far (the
     metric that shows the bound holds).
     """
@@ -68,7 +73,7 @@ class GarpSchedule:
             if before is not None:
                 self.max_interval = max(self.max_interval, now - before)
             self.last_sent[vip] = now
-            self.next_due[vip] = now + self.period
+            self.next_due[vip] = now + self.period * RESEND_FRACTION
 
     def wake_at(self) -> float | None:
         return min(self.next_due.values(), default=None)
