@@ -265,11 +265,6 @@ def key_type(family: Family) -> str:
     return f"{_ADDR_TYPE[family]} . inet_proto . inet_service"
 
 
-def counter_kinds(e: DnatEntry) -> tuple[str, ...]:
-    """The counter sets holding `e`: every kind for TCP, the packet kinds for UDP."""
-    return tuple(e.counters)
-
-
 def _table_body(
     family: Family, entries: Sequence[DnatEntry], exempt: Sequence[str] | None
 ) -> list[str]:
