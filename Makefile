@@ -5,7 +5,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # System packages the project needs. Later issues add to this one list.
-APT_PACKAGES := python3 python3-venv python3-pip nftables iptables iproute2 curl nats-server openssl qemu-system-x86 busybox-static kmod ipvsadm
+APT_PACKAGES := python3 python3-venv python3-pip nftables iptables iproute2 curl nats-server openssl qemu-system-x86 busybox-static kmod ipvsadm iputils-arping
 
 PYTHON ?= python3
 VENV := .venv
@@ -132,6 +132,7 @@ bench: install
 	$(VPY) bench/bench_watcher.py $(BENCH_ARGS)
 	$(VPY) bench/bench_realserver.py $(BENCH_ARGS)
 	$(VPY) bench/bench_maglev.py $(BENCH_ARGS)
+	$(VPY) bench/bench_garp.py
 	bench/run_director_bench.sh $(BENCH_ARGS)
 
 clean:
