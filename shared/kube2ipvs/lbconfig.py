@@ -147,6 +147,16 @@ def address_sort_key(address: str) -> tuple[int, int]:
         return (ip.version, int(ip))
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def canonical_address(address: str) -> str | None:
+    """The address as the kernel and `ipaddress` write it (lower case, shortest IPv6 form), or
+    None when it is not an IP address. Cached: VIPs and node addresses recur on every change."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
+
+
 # --------------------------------------------------------------------------------------------
 # Parsing
 

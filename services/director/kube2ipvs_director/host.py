@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from kube2ipvs.lbconfig import address_sort_key, canonical_address
 from kube2ipvs.vipaddrs import AddressError, VipAddresses, host_prefixlen
 from kube2ipvs_director.kernel import VS_SYSCTL_DIR, KernelError, read_vs_sysctls, write_vs_sysctl
 
@@ -60,18 +61,6 @@ class DeleteVip:
 VipOp = AddVip | DeleteVip
 
 
-def _canonical(address: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(address))
-    except ValueError:
-        return None
-
-
-def _order(address: str) -> tuple[int, int]:
-    ip = ipaddress.ip_address(address)
-    return ip.version, int(ip)
-
-
 def plan_vips(desired: Iterable[str], ours: frozenset[str], foreign: frozenset[str]) -> tuple[VipOp, ...]:
     """The ops that make the device hold `desired`: add each wanted VIP that is neither ours nor
     foreign, delete each of ours that is not wanted. Foreign addresses are never in an op.
@@ -80,9 +69,9 @@ def plan_vips(desired: Iterable[str], ours: frozenset[str], foreign: frozenset[s
     its canonical spelling; one that is not an IP address at all is skipped (normalize has
     already rejected such config, so it can only be a bug upstream, and it must not stop the rest).
     """
-    wanted = {c for a in desired if (c := _canonical(a)) is not None}
-    adds = sorted(wanted - ours - foreign, key=_order)
-    deletes = sorted(ours - wanted, key=_order)
+    wanted = {c for a in desired if (c := canonical_address(a)) is not None}
+    adds = sorted(wanted - ours - foreign, key=address_sort_key)
+    deletes = sorted(ours - wanted, key=address_sort_key)
     return (*(AddVip(a) for a in adds), *(DeleteVip(a) for a in deletes))
 
 
@@ -245,7 +234,7 @@ class FakeHost:
                 raise VipApplyError(op, index, "injected failure")
             if not self.exists:
                 raise VipApplyError(op, index, f"no device {self.device}")
-            if _canonical(op.address) != op.address:
+            if canonical_address(op.address) != op.address:
                 raise VipApplyError(op, index, f"not a canonical address: {op.address}")
             if op.address in self.foreign:
                 if isinstance(op, DeleteVip):

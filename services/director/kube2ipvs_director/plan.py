@@ -44,7 +44,7 @@ from functools import lru_cache
 from typing import Final, Literal, TypeAlias
 
 from kube2ipvs.ipvs import IpvsDest, IpvsService
-from kube2ipvs.lbconfig import Family, Protocol
+from kube2ipvs.lbconfig import Family, Protocol, canonical_address
 
 # IPVS forwarding methods as ipvsadm names them: gatewaying (direct routing), ipip, masquerading
 # (NAT); "local" and "bypass" only ever show up on services someone else made.
@@ -171,13 +171,9 @@ class Timeouts:
     udp: int = 0
 
 
-@lru_cache(maxsize=1 << 17)
 def canonical_ip(address: str) -> str:
     """The address as `ipaddress` writes it; anything else unchanged (it then matches nothing)."""
-    try:
-        return str(ipaddress.ip_address(address))
-    except ValueError:
-        return address
+    return canonical_address(address) or address
 
 
 @lru_cache(maxsize=1 << 17)

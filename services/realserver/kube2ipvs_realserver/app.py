@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import time
@@ -28,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from kube2ipvs.lbconfig import canonical_address
 from kube2ipvs.model import service_to_dict
 from kube2ipvs.protocol import NodeSlice
 from kube2ipvs.render.iptables import render_iptables
@@ -99,12 +99,8 @@ class KernelCounters(Collector):
         flags = CounterMetricFamily(p + "tcp_flags", "TCP packets of a VIP:port with SYN, SYN-ACK, FIN or RST",
                                     labels=[*_LABELS, "flag", "direction"])
         desired, snapshot = self._app.desired, self._app.counters
-        canonical: dict[str, str] = {}
         for vs in desired.services if desired is not None else ():
-            vip = canonical.get(vs.vip)
-            if vip is None:
-                vip = canonical[vs.vip] = str(ipaddress.ip_address(vs.vip))
-            kinds = snapshot.get((vip, vs.port, vs.protocol))
+            kinds = snapshot.get((canonical_address(vs.vip) or vs.vip, vs.port, vs.protocol))
             if not kinds:
                 continue
             labels = [vs.vip, str(vs.port), vs.protocol, vs.namespace, vs.service, vs.port_name]

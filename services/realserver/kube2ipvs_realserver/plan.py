@@ -27,9 +27,10 @@ import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Final, TypeAlias, TypeVar
 
+from kube2ipvs.lbconfig import canonical_address
 from kube2ipvs.model import VirtualService
 from kube2ipvs.protocol import NodeSlice
 from kube2ipvs.render.nft import TABLE, DnatEntry, dnat_entries, render_entries, table_chains_of_classes
@@ -220,15 +221,6 @@ def desired_sysctls(settings: Settings, *, ipip: bool = False) -> dict[SysctlKey
     return wanted
 
 
-@lru_cache(maxsize=65536)
-def _canonical(vip: str) -> tuple[str, int] | None:
-    try:
-        ip = ipaddress.ip_address(vip)
-    except ValueError:
-        return None
-    return str(ip), ip.version
-
-
 def _entry_hash(e: DnatEntry) -> int:
     text = f"{e.vip} {e.port} {e.protocol} {e.mtu} " + " ".join(f"{ep.address}/{ep.port}" for ep in e.endpoints)
     return int.from_bytes(hashlib.sha256(text.encode()).digest(), "big")
@@ -255,12 +247,12 @@ def _bump(counts: dict[K, int], key: K, step: int) -> None:
 
 
 def _skip_reason(vs: VirtualService) -> tuple[EntryKey | None, str]:
-    canonical = _canonical(vs.vip)
-    if canonical is None:
+    vip = canonical_address(vs.vip)
+    if vip is None:
         return None, f"{vs.vip}:{vs.port}/{vs.protocol}: VIP is not an IP address"
-    if canonical[1] != vs.family:
+    if (6 if ":" in vip else 4) != vs.family:
         return None, f"{vs.vip}:{vs.port}/{vs.protocol}: VIP is not an IPv{vs.family} address"
-    return (canonical[0], vs.port, vs.protocol), ""
+    return (vip, vs.port, vs.protocol), ""
 
 
 def desired_state(node_slice: NodeSlice, settings: Settings, previous: Desired | None = None) -> Desired:
