@@ -881,26 +881,16 @@ STATUS_BUCKET: Final = "kube2ipvs-status"
 STATUS_TTL_SECONDS: Final = 30.0
 
 
-def status_key(role: str, host: str) -> str:
-    """`director.node-1_example_com`: one key per role and host (dots are NATS token separators)."""
-    return f"{role}.{host.replace('.', '_')}"
+class _ExpiringBucket:
+    """A connection and a memory-storage KV bucket whose values expire `ttl` seconds after they
+    were written, created by whichever process comes first (StatusBoard, Lease)."""
 
+    _description = "kube2ipvs"
 
-class StatusBoard:
-    """Small JSON status documents in their own bucket (memory storage, values expire after
-    `ttl` seconds): a director publishes what it has applied and whether it is healthy; the
-    bgp-speaker on the same host reads it before announcing anything.
-
-        board = StatusBoard(settings); await board.start()
-        await board.put("director", host, {...})
-        doc = await board.get("director", host)   # None when absent or expired
-    """
-
-    def __init__(self, settings: NatsSettings, *, bucket: str = STATUS_BUCKET,
-                 ttl: float = STATUS_TTL_SECONDS) -> None:
+    def __init__(self, settings: NatsSettings, bucket: str, ttl: float) -> None:
         self._link = _Link(settings)
         self._bucket = bucket
-        self._ttl = ttl
+        self.ttl = ttl
         self._kv: Any = None
 
     @property
@@ -909,7 +899,7 @@ class StatusBoard:
 
     async def start(self) -> None:
         await self._link.open()
-        self._kv = await _retrying("status_bucket", self._bind_or_create)
+        self._kv = await _retrying(f"bucket {self._bucket}", self._bind_or_create)
 
     async def close(self) -> None:
         await self._link.close()
@@ -920,14 +910,36 @@ class StatusBoard:
             return await js.key_value(self._bucket)
         except nats.js.errors.BucketNotFoundError:
             pass
-        config = KeyValueConfig(bucket=self._bucket, history=1, storage=StorageType.MEMORY, ttl=self._ttl,
-                                description="kube2ipvs role status (director readiness)")
+        config = KeyValueConfig(bucket=self._bucket, history=1, storage=StorageType.MEMORY, ttl=self.ttl,
+                                description=self._description)
         try:
             return await js.create_key_value(config)
         except nats.js.errors.APIError as exc:
             if exc.err_code != _ERR_STREAM_NAME_IN_USE:
                 raise
             return await js.key_value(self._bucket)
+
+
+def status_key(role: str, host: str) -> str:
+    """`director.node-1_example_com`: one key per role and host (dots are NATS token separators)."""
+    return f"{role}.{host.replace('.', '_')}"
+
+
+class StatusBoard(_ExpiringBucket):
+    """Small JSON status documents in their own bucket (memory storage, values expire after
+    `ttl` seconds): a director publishes what it has applied and whether it is healthy; the
+    bgp-speaker on the same host reads it before announcing anything.
+
+        board = StatusBoard(settings); await board.start()
+        await board.put("director", host, {...})
+        doc = await board.get("director", host)   # None when absent or expired
+    """
+
+    _description = "kube2ipvs role status (director readiness)"
+
+    def __init__(self, settings: NatsSettings, *, bucket: str = STATUS_BUCKET,
+                 ttl: float = STATUS_TTL_SECONDS) -> None:
+        super().__init__(settings, bucket, ttl)
 
     async def put(self, role: str, host: str, doc: Mapping[str, object]) -> None:
         """Publish once; raises when NATS is away (the caller publishes again next time)."""
@@ -957,7 +969,7 @@ class StatusBoard:
 LEASE_BUCKET: Final = "kube2ipvs-leases"
 
 
-class Lease:
+class Lease(_ExpiringBucket):
     """An exclusive, expiring lease in a KV bucket whose values live `ttl` seconds: `hold()`
     acquires it when free (compare-and-set on "absent") or renews it when ours (compare-and-set
     on our last revision). A holder that stops renewing loses it `ttl` seconds after its last
@@ -966,38 +978,13 @@ class Lease:
     (a holder cut off from NATS cannot know whether another took over after the expiry).
     """
 
+    _description = "kube2ipvs leases (one active ARP director)"
+
     def __init__(self, settings: NatsSettings, name: str, holder: str, *, ttl: float = 1.5,
                  bucket: str = LEASE_BUCKET) -> None:
-        self._link = _Link(settings)
-        self.name, self.holder, self.ttl, self._bucket = name, holder, ttl, bucket
-        self._kv: Any = None
+        super().__init__(settings, bucket, ttl)
+        self.name, self.holder = name, holder
         self._revision: int | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self._link.connected
-
-    async def start(self) -> None:
-        await self._link.open()
-        self._kv = await _retrying("lease_bucket", self._bind_or_create)
-
-    async def close(self) -> None:
-        await self._link.close()
-
-    async def _bind_or_create(self) -> Any:
-        js = self._link.jetstream()
-        try:
-            return await js.key_value(self._bucket)
-        except nats.js.errors.BucketNotFoundError:
-            pass
-        config = KeyValueConfig(bucket=self._bucket, history=1, storage=StorageType.MEMORY, ttl=self.ttl,
-                                description="kube2ipvs leases (one active ARP director)")
-        try:
-            return await js.create_key_value(config)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
-                raise
-            return await js.key_value(self._bucket)
 
     async def hold(self) -> bool:
         """Acquire or renew; True when we hold the lease now. Raises when NATS is away."""
