@@ -21,6 +21,7 @@ from kube2ipvs.model import ClusterState
 from kube2ipvs.normalize import normalize
 from kube2ipvs.render.ipvsadm import render_ipvsadm
 from kube2ipvs_director.app import DirectorApp, DirectorSettings, cleanup, default_vs_sysctls
+from kube2ipvs_director.host import FakeHost
 from kube2ipvs_director.kernel import FakeIpvs
 from kube2ipvs_director.plan import AddDest, EditDest, ObservedService, ServiceId, Timeouts
 from tests.builders import config, endpointslice, node, service, web_entry
@@ -39,41 +40,6 @@ def cluster(generation: int, endpoints: Sequence[tuple[str, str]],
 
 TWO_NODES = [("10.0.0.1", "a"), ("10.0.0.2", "a"), ("10.0.1.1", "b")]
 SID = ServiceId("192.0.2.1", 4, 80, "tcp")
-
-
-@dataclass
-class FakeHost:
-    """VIP addresses and net.ipv4.vs sysctls in memory, strict like the real ones: deleting an
-    address that is not ours is a bug; a sysctl the kernel lacks cannot be set."""
-
-    ours: set[str] = field(default_factory=set)
-    foreign: set[str] = field(default_factory=lambda: {"127.0.0.1"})
-    sysctls: dict[str, int | str] = field(default_factory=lambda: {
-        "conntrack": 1, "expire_nodest_conn": 0, "sloppy_tcp": 0, "conn_reuse_mode": 1})
-    frozen: set[str] = field(default_factory=set)  # sysctls whose writes do not stick
-    changes: list[str] = field(default_factory=list)
-
-    def vip_addresses(self) -> tuple[frozenset[str], frozenset[str]]:
-        return frozenset(self.ours), frozenset(self.foreign)
-
-    def add_vip(self, address: str) -> None:
-        assert address not in self.foreign
-        self.ours.add(address)
-        self.changes.append(f"add {address}")
-
-    def delete_vip(self, address: str) -> None:
-        assert address in self.ours, f"deleted an address that is not ours: {address}"
-        self.ours.discard(address)
-        self.changes.append(f"del {address}")
-
-    def vs_sysctls(self) -> Mapping[str, int | str]:
-        return dict(self.sysctls)
-
-    def set_vs_sysctl(self, name: str, value: int) -> None:
-        assert name in self.sysctls
-        if name not in self.frozen:
-            self.sysctls[name] = value
-        self.changes.append(f"sysctl {name}={value}")
 
 
 class CountingIpvs(FakeIpvs):
@@ -117,7 +83,7 @@ def test_before_the_first_state_nothing_is_touched() -> None:
     ipvs, host = CountingIpvs(), FakeHost()
     app = director(ipvs, host)
     assert reconcile(app) == []
-    assert (ipvs.batches, host.changes, ipvs.dumps) == ([], [], 0)
+    assert (ipvs.batches, host.batches, ipvs.dumps) == ([], [], 0)
     assert app.health().reason == "no cluster state received yet"
 
 
@@ -204,11 +170,11 @@ def test_a_vip_removed_from_the_configuration_is_drained_and_deleted_also_after_
 
 
 def test_settings_that_do_not_stick_fail_health_and_are_named() -> None:
-    host = FakeHost(frozen={"conntrack"})
+    host = FakeHost(stuck={"conntrack"})
     app = director(host=host)
     reconcile(app, cluster(1, TWO_NODES))
     assert app.health().reason == "IPVS settings wrong: net.ipv4.vs.conntrack want 0, have 1"
-    host.frozen.clear()
+    host.stuck.clear()
     reconcile(app)
     assert app.health().ok
 

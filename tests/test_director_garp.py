@@ -13,7 +13,8 @@ from prometheus_client import generate_latest
 
 from kube2ipvs_director.app import DirectorApp, DirectorSettings, default_vs_sysctls
 from kube2ipvs_director.garp import GarpSchedule, _checksum, garp_frame, na_frame
-from tests.test_director_app import TWO_NODES, CountingIpvs, FakeHost, cluster
+from kube2ipvs_director.host import FakeHost
+from tests.test_director_app import TWO_NODES, CountingIpvs, cluster
 
 MAC = bytes.fromhex("020000000001")
 

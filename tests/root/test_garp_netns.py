@@ -124,7 +124,8 @@ def test_every_one_of_1000_vips_is_announced_within_the_period_and_the_router_le
 
 def test_a_director_app_in_arp_mode_announces_through_the_real_sender(link: tuple[Netns, Netns]) -> None:
     from kube2ipvs_director.app import DirectorApp, DirectorSettings, default_vs_sysctls
-    from tests.test_director_app import TWO_NODES, CountingIpvs, FakeHost, cluster
+    from kube2ipvs_director.host import FakeHost
+    from tests.test_director_app import TWO_NODES, CountingIpvs, cluster
 
     router, director = link
     pyroute2_netns.pushns(director.name)

@@ -100,7 +100,29 @@ class VipApplyError(HostError):
         super().__init__(f"op {index} {op}: {message}")
 
 
-class LinuxHost:
+class _VipPort:
+    """The app's address port (`vip_addresses`, `add_vip`, `delete_vip`) in terms of the
+    op-based one (`observe`, `apply`), for the adapter and the fake alike."""
+
+    def observe(self) -> ObservedVips:
+        raise NotImplementedError
+
+    def apply(self, ops: Sequence[VipOp]) -> None:
+        raise NotImplementedError
+
+    def vip_addresses(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(ours, foreign): canonical addresses on the device."""
+        observed = self.observe()
+        return observed.ours, observed.foreign
+
+    def add_vip(self, address: str) -> None:
+        self.apply([AddVip(address)])
+
+    def delete_vip(self, address: str) -> None:
+        self.apply([DeleteVip(address)])
+
+
+class LinuxHost(_VipPort):
     """The director's host: VIPs on `device` (in `netns` when given, for tests) and the
     net.ipv4.vs sysctls (of the caller's namespace; `sysctl_dir` for tests).
 
@@ -158,17 +180,6 @@ class LinuxHost:
 
     # -- the app's Host port ----------------------------------------------------------------
 
-    def vip_addresses(self) -> tuple[frozenset[str], frozenset[str]]:
-        """(ours, foreign): canonical addresses on the device (created first when missing)."""
-        observed = self.observe()
-        return observed.ours, observed.foreign
-
-    def add_vip(self, address: str) -> None:
-        self.apply([AddVip(address)])
-
-    def delete_vip(self, address: str) -> None:
-        self.apply([DeleteVip(address)])
-
     def vs_sysctls(self) -> Mapping[str, int | str]:
         return read_vs_sysctls(self.sysctl_dir)
 
@@ -199,7 +210,7 @@ class LinuxHost:
 
 
 @dataclass
-class FakeHost:
+class FakeHost(_VipPort):
     """The director's host in memory, strict where the kernel is and where a bug of ours would
     show: it refuses an address that is not canonical, an add of a foreign address (the real add
     would find it and not mark it ours), a delete of a foreign one (AssertionError: never ours to
@@ -213,6 +224,7 @@ class FakeHost:
                                                                     "sloppy_tcp": 0})
     batches: list[tuple[VipOp, ...]] = field(default_factory=list)
     fail_at: int | None = None  # the op of the next apply with this index fails
+    stuck: set[str] = field(default_factory=set)  # sysctls whose writes do not take (health reports them)
     device: str = DEFAULT_DEVICE
 
     def prepare(self) -> bool:
@@ -245,20 +257,11 @@ class FakeHost:
             else:
                 self.ours.discard(op.address)
 
-    def vip_addresses(self) -> tuple[frozenset[str], frozenset[str]]:
-        observed = self.observe()
-        return observed.ours, observed.foreign
-
-    def add_vip(self, address: str) -> None:
-        self.apply([AddVip(address)])
-
-    def delete_vip(self, address: str) -> None:
-        self.apply([DeleteVip(address)])
-
     def vs_sysctls(self) -> Mapping[str, int | str]:
         return dict(self.sysctls)
 
     def set_vs_sysctl(self, name: str, value: int) -> None:
         if name not in self.sysctls:
             raise HostError(f"sysctl net.ipv4.vs.{name}={value}: no such sysctl")
-        self.sysctls[name] = value
+        if name not in self.stuck:
+            self.sysctls[name] = value
