@@ -40,6 +40,22 @@ BACKEND_ADDRESS = "127.0.0.1"
 IPVSSocket = Any
 
 
+class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
+    """An HTTP/1.1 backend (keeps connections open) that answers with the port it was reached on."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = f"{self.connection.getsockname()[1]}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 @pytest.hookimpl(tryfirst=True)  # before the mark plugin's -m deselection sees the items
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:

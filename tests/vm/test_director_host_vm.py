@@ -28,7 +28,7 @@ from kube2ipvs_director.host import DEFAULT_DEVICE, AddVip, DeleteVip, LinuxHost
 from kube2ipvs_director.kernel import IpvsCounters, LinuxIpvs
 from kube2ipvs_director.plan import AddDest, AddService, ServiceId
 from kube2ipvs_director.stats import count_ip_vs_conn, read_conntrack, read_ip_vs_conn
-from tests.vm.conftest import IPVSSocket, Vip
+from tests.vm.conftest import IPVSSocket, KeepAliveHandler, Vip
 
 pytestmark = pytest.mark.vm
 
@@ -166,20 +166,6 @@ def test_vips_can_go_on_lo_which_is_never_created_nor_removed(netns: str) -> Non
 
 # -- a real connection through a NAT VIP, seen by the readers ----------------------------------
 
-class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keeps the connection open between requests
-
-    def do_GET(self) -> None:
-        body = b"hello\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def backend_port() -> Iterator[int]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveHandler)
@@ -206,11 +192,11 @@ def nat_vip(ipvs: IPVSSocket, vip: Vip, backend_port: int) -> tuple[ServiceId, i
     return sid, backend_port
 
 
-def get(conn: http.client.HTTPConnection) -> None:
+def get(conn: http.client.HTTPConnection, backend: int) -> None:
     conn.request("GET", "/")
     response = conn.getresponse()
     assert response.status == 200
-    assert response.read() == b"hello\n"
+    assert response.read() == f"{backend}\n".encode()  # NATed to the backend
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -229,11 +215,11 @@ def established() -> int:
 
 def test_ip_vs_conn_counts_an_open_connection_as_established_until_it_closes(
         nat_vip: tuple[ServiceId, int]) -> None:
-    sid, _ = nat_vip
+    sid, port = nat_vip
     before = established()  # entries of earlier tests' connections may linger, none established
     conn = http.client.HTTPConnection(sid.vip, 80, timeout=10)
     try:
-        get(conn)
+        get(conn, port)
         assert established() == before + 1
     finally:
         conn.close()
@@ -244,7 +230,7 @@ def test_the_conn_file_has_the_format_the_parser_reads(nat_vip: tuple[ServiceId,
     sid, port = nat_vip
     conn = http.client.HTTPConnection(sid.vip, 80, timeout=10)
     try:
-        get(conn)
+        get(conn, port)
         with open("/proc/net/ip_vs_conn", "rb") as f:
             lines = f.readlines()
     finally:
@@ -269,7 +255,7 @@ def test_ipvs_stats_count_the_connection_and_its_packets_both_ways(nat_vip: tupl
         conn = http.client.HTTPConnection(sid.vip, 80, timeout=10)
         try:
             for _ in range(3):
-                get(conn)
+                get(conn, port)
             (svc,) = kernel.stats()
             (dest,) = svc.dests
             assert (dest.address, dest.port, dest.active, dest.inactive) == ("127.0.0.1", port, 1, 0)
@@ -285,7 +271,7 @@ def test_ipvs_stats_count_the_connection_and_its_packets_both_ways(nat_vip: tupl
         assert svc.counters.connections == 1
         assert svc.counters.packets_in >= 4
         assert svc.counters.bytes_in > 3 * len("GET / HTTP/1.1\r\n")
-        assert svc.counters.bytes_out > 3 * len("hello\n")
+        assert svc.counters.bytes_out > 3 * len(f"{port}\n")
         assert dest.counters.connections == 1
         assert dest.counters.packets_in >= 4
     finally:

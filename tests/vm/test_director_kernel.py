@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any, Final, cast
+from typing import Final, cast
 
 import pytest
 
@@ -40,7 +40,7 @@ from kube2ipvs_director.plan import (
     plan,
 )
 from tests.builders import config, endpointslice, node, service, web_entry
-from tests.vm.conftest import IPVSSocket, Vip
+from tests.vm.conftest import IPVSSocket, KeepAliveHandler, Vip
 
 pytestmark = pytest.mark.vm
 
@@ -196,20 +196,6 @@ def test_a_scheduler_change_is_one_set_of_the_service_in_place(kernel: LinuxIpvs
     kernel.apply(ops)
     assert pending(kernel, changed) == ()
     assert "-A -t 192.0.2.10:80 -s mh -b mh-fallback,mh-port" in ipvsadm("-S", "-n").splitlines()
-
-
-class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keeps the connection open between requests
-
-    def do_GET(self) -> None:
-        body = f"{self.connection.getsockname()[1]}\n".encode()  # the port it was reached on
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture
