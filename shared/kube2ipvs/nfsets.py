@@ -33,7 +33,7 @@ NLM_F_DUMP: Final = 0x300
 NLMSG_ERROR: Final = 2
 NLMSG_DONE: Final = 3
 NLA_TYPE_MASK: Final = 0x3FFF
-FAMILIES: Final = {"ip": socket.AF_INET, "ip6": socket.AF_INET6, "inet": 1}
+FAMILIES: Final = {"ip": socket.AF_INET, "ip6": socket.AF_INET6, "inet": 1, "netdev": 5}
 
 # nf_tables.h attribute numbers
 _LIST_TABLE, _LIST_SET, _LIST_ELEMENTS = 1, 2, 3

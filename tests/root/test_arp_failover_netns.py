@@ -1,20 +1,27 @@
-"""ARP-mode failover between two directors sharing a NATS lease, on real links:
+"""ARP-mode failover between two directors sharing a NATS lease, with traffic, on real links:
 
-    router (br0 10.99.0.1/8, arp_accept=1) ─┬─veth─ director A (a0 10.99.0.11, VIPs on lo when active)
-                                            └─veth─ director B (b0 10.99.0.12, standby)
+    client 203.0.113.2 ── router (br0 10.99.0.1/8, arp_accept=1) ─┬─ director A a0 10.99.0.11 (active)
+                                                                  ├─ director B b0 10.99.0.12 (standby)
+                                                                  ├─ node n1 ── pod n1
+                                                                  ├─ node n2 ── pod n2
+                                                                  └─ node n3 ── pod n3
 
-Both run DirectorApp in this process (strict IPVS fake: the host has no IPVS; the VM lane covers
-IPVS) with the real VIP addresses (LinuxHost in their namespace), the real gratuitous ARP sender
-and a real nats-server lease. A holds the VIP and the router's neighbour entry points at A's
-MAC; when A's host goes away (its link down, its process gone: no more renewals), B takes the
-lease after it expires, puts the VIP on its lo and announces it, and the router's entry moves to
-B's MAC within the 3 s target. A planned stop of A hands over at once.
+Both directors run DirectorApp in this process on the nftables dataplane (the host has no IPVS;
+the VM lane covers IPVS), with the real VIP addresses (LinuxHost in their namespace), the real
+gratuitous ARP sender and a real nats-server lease. The nodes hold the VIP on lo without
+answering ARP for it and DNAT it to their pod (tests/root/test_dsr_netns.py's nodes). A holds
+the VIP and the router's neighbour entry points at A's MAC; when A's host goes away (its link
+down, its process gone: no more renewals), B takes the lease after it expires, puts the VIP on
+its lo and announces it: the router's entry moves to B's MAC, and a client sending a request
+every 50 ms gets answers again, within the 3 s target. A planned stop of A hands over at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -24,10 +31,11 @@ from pyroute2 import netns as pyroute2_netns
 from kube2ipvs.natskv import Lease, NatsSettings
 from kube2ipvs_director.app import DirectorApp, DirectorSettings
 from kube2ipvs_director.garp import GarpSender
-from kube2ipvs_director.host import LinuxHost
+from kube2ipvs_director.plan import Timeouts
 from tests.natsfixture import running_nats_server
 from tests.root.conftest import Lab, Netns, skip_reason
-from tests.test_director_app import TWO_NODES, CountingIpvs, cluster
+from tests.root.test_dsr_netns import CLIENT, NODES, add_node, state
+from tests.root.test_dsr_netns import director as dsr_director
 
 pytestmark = pytest.mark.root
 
@@ -36,8 +44,10 @@ TTL = 1.5
 TARGET = 3.0
 
 
-def topology(lab: Lab) -> tuple[Netns, Netns, Netns]:
-    router, a, b = lab.netns("fo-r"), lab.netns("fo-a"), lab.netns("fo-b")
+def topology(lab: Lab) -> tuple[Netns, Netns, Netns, Netns]:
+    router, a, b, client = lab.netns("fo-r"), lab.netns("fo-a"), lab.netns("fo-b"), lab.netns("fo-c")
+    router.exec("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0")
     router.ip("link", "add", "br0", "type", "bridge")
     router.ip("link", "set", "br0", "up")
     for ns, name, address in ((a, "a0", "10.99.0.11/8"), (b, "b0", "10.99.0.12/8")):
@@ -46,7 +56,45 @@ def topology(lab: Lab) -> tuple[Netns, Netns, Netns]:
         ns.ip("addr", "add", address, "dev", name)
     router.ip("addr", "add", "10.99.0.1/8", "dev", "br0")
     router.exec("sysctl", "-qw", "net.ipv4.conf.br0.arp_accept=1")
-    return router, a, b
+    lab.link(router, "rc", client, "eth0")
+    router.ip("addr", "add", "203.0.113.1/24", "dev", "rc")
+    client.ip("addr", "add", f"{CLIENT}/24", "dev", "eth0")
+    client.ip("route", "add", "default", "via", "203.0.113.1")
+    for name in NODES:
+        add_node(lab, router, name, VIP)
+    return router, a, b, client
+
+
+class Prober(threading.Thread):
+    """A client in `ns` asking the VIP's UDP echo every 50 ms, each time from a new socket (a new
+    flow); records (time sent, answered within 200 ms)."""
+
+    def __init__(self, ns: Netns) -> None:
+        super().__init__(daemon=True)
+        self.ns = ns
+        self.results: list[tuple[float, bool]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        pyroute2_netns.pushns(self.ns.name)  # this thread's sockets are the client's
+        try:
+            while not self.stop.is_set():
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.settimeout(0.2)
+                    sent = time.monotonic()
+                    s.sendto(b"ping", (VIP, 80))
+                    try:
+                        s.recvfrom(2048)
+                        self.results.append((sent, True))
+                    except TimeoutError:
+                        self.results.append((sent, False))
+                self.stop.wait(max(0.0, 0.05 - (time.monotonic() - sent)))
+        finally:
+            pyroute2_netns.popns()
+
+    def answered_since(self, t: float) -> float | None:
+        """Seconds from `t` to the first answered request sent after it."""
+        return next((sent - t for sent, ok in self.results if ok and sent >= t), None)
 
 
 def router_mac_for(router: Netns) -> str | None:
@@ -64,9 +112,9 @@ def director(ns: Netns, interface: str, nats: NatsSettings, name: str) -> tuple[
     finally:
         pyroute2_netns.popns()
     lease = Lease(nats, "arp-directors", name, ttl=TTL, bucket="k2i-failover-test")
-    app = DirectorApp(CountingIpvs(), LinuxHost(device="lo", netns=ns.name), source=None, announcer=sender,
-                      leadership=lease, settings=DirectorSettings(mode="arp", vs_sysctls={}, garp_period=1.0,
-                                                                  resync_interval=0.5))
+    app, _ = dsr_director(ns, interface, announcer=sender, leadership=lease,
+                          settings=DirectorSettings(mode="arp", vs_sysctls={}, timeouts=Timeouts(), garp_period=1.0,
+                                                    resync_interval=0.5))
     return app, sender, lease
 
 
@@ -80,15 +128,25 @@ async def until(test: object, seconds: float) -> float:
     return time.monotonic() - start
 
 
+async def traffic_is_back(prober: Prober, gone: float) -> None:
+    await until(lambda: prober.answered_since(gone) is not None, 10)
+    outage = prober.answered_since(gone)
+    assert outage is not None
+    lost = sum(1 for sent, ok in prober.results if sent >= gone and not ok)
+    print(f"traffic: answers again {outage:.2f} s after the active director went ({lost} requests unanswered)")
+    assert outage <= TARGET, outage
+
+
 def test_the_standby_takes_the_vip_within_the_target_when_the_active_director_is_gone(
     lab: Lab, tmp_path: Path
 ) -> None:
     if (reason := skip_reason()) is not None:
         pytest.skip(reason)
-    router, a_ns, b_ns = topology(lab)
+    router, a_ns, b_ns, client = topology(lab)
     with running_nats_server(tmp_path / "nats") as server:
         nats = NatsSettings(servers=(server.url,), reconnect_wait=0.1, connect_timeout=1.0, request_timeout=2.0)
-        state = cluster(1, TWO_NODES, vips=(VIP,))
+        target = state(1, list(NODES), VIP)
+        prober = Prober(client)
 
         async def scenario() -> None:
             a, a_sender, a_lease = director(a_ns, "a0", nats, "dir-a")
@@ -97,27 +155,32 @@ def test_the_standby_takes_the_vip_within_the_target_when_the_active_director_is
             await b_lease.start()
             a_task = asyncio.create_task(a.run())
             try:
-                a.offer(state)
+                a.offer(target)
                 await until(lambda: router_mac_for(router) == a_sender.mac.hex(":"), 10)
-                b.offer(state)
+                b.offer(target)
                 b_task = asyncio.create_task(b.run())
                 try:
                     await asyncio.sleep(2 * TTL)
                     assert (a.active, b.active) == (True, False)  # one active director
                     assert VIP not in b_ns.ip("addr", "show", "dev", "lo")
                     assert router_mac_for(router) == a_sender.mac.hex(":")
+                    prober.start()
+                    await until(lambda: prober.answered_since(0) is not None, 5)  # traffic flows through A
 
                     # A's host goes away: no more renewals, no more frames.
                     a_task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await a_task
                     a_ns.ip("link", "set", "a0", "down")
+                    gone = time.monotonic()
                     took = await until(lambda: router_mac_for(router) == b_sender.mac.hex(":"), 10)
                     print(f"takeover: the router moved to the standby {took:.2f} s after the active one went")
                     assert took <= TARGET, took
                     assert b.active
                     assert VIP in b_ns.ip("addr", "show", "dev", "lo")
+                    await traffic_is_back(prober, gone)
                 finally:
+                    prober.stop.set()
                     b_task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await b_task

@@ -15,9 +15,11 @@ import contextlib
 import logging
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from kube2ipvs.maglev import DEFAULT_SIZE, is_prime
 from kube2ipvs.natskv import Lease, StateSubscriber, StatusBoard
 from kube2ipvs.roleargs import RoleParser, RoleUsageError, add, add_common, nats_settings, positive_float, run_role
 from kube2ipvs.statusserver import StatusServer
@@ -29,9 +31,11 @@ from kube2ipvs_director.app import (
     cleanup,
     default_vs_sysctls,
 )
+from kube2ipvs_director.dsr import DEFAULT_SEED, MAX_SEED, DsrSettings
 from kube2ipvs_director.garp import GarpSender
 from kube2ipvs_director.host import LinuxHost
 from kube2ipvs_director.kernel import KernelError, LinuxIpvs
+from kube2ipvs_director.nftdsr import NftDsr
 from kube2ipvs_director.plan import Timeouts
 from kube2ipvs_director.stats import read_conntrack, read_ip_vs_conn
 
@@ -55,6 +59,26 @@ def timeout_seconds(text: str) -> int:
     return value
 
 
+def prime_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 3 <= value <= 65521 or not is_prime(value):
+        raise argparse.ArgumentTypeError(f"{value} is not a prime between 3 and 65521")
+    return value
+
+
+def hash_seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (decimal or 0x...)") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is not a 32-bit number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = RoleParser(prog="kube2ipvs director",
                    description="Program kernel IPVS (direct routing to the compute nodes, weighted by their "
@@ -65,8 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="name this director publishes its readiness under (default: the host name)")
     add(p, "--device", default="kube2ipvs0",
         help="device for the VIP addresses: a dummy link, created if missing (default kube2ipvs0), or lo")
+    add(p, "--dataplane", choices=("auto", "ipvs", "nftables"), default="auto",
+        help="ipvs: kernel IPVS; nftables: stateless direct routing by Maglev tables in an nft table on "
+             "--interface, for kernels without IPVS; auto (default): ipvs where the kernel has it")
     add(p, "--interface", metavar="DEV",
-        help="ARP mode: the interface gratuitous ARPs (IPv6: unsolicited NAs) go out on (required there)")
+        help="the interface VIP traffic arrives on: gratuitous ARPs (IPv6: unsolicited NAs) go out on it in "
+             "ARP mode, and the nftables dataplane forwards on it (required for either)")
+    add(p, "--maglev-size", type=prime_size, default=DEFAULT_SIZE, metavar="PRIME",
+        help=f"nftables dataplane: slots per Maglev table (default {DEFAULT_SIZE}); larger moves fewer flows "
+             "when a node changes, at that many nft elements per distinct node set. Same on every director")
+    add(p, "--hash-seed", type=hash_seed, default=DEFAULT_SEED, metavar="N",
+        help=f"nftables dataplane: the flow hash's seed (default {DEFAULT_SEED:#x}). Same on every director, "
+             "so a flow re-hashed by the routers to another director reaches the same node")
     add(p, "--garp-period", type=positive_float, default=2.0, metavar="S",
         help="ARP mode: every served VIP is announced at least this often (default 2)")
     add(p, "--lease", default="arp-directors", metavar="NAME",
@@ -108,16 +142,18 @@ def director_settings(args: argparse.Namespace) -> DirectorSettings:
 
 class LinuxStats:
     """/metrics' readings: IPVS counters on a socket of their own (the reconcile uses another),
-    connection states from /proc/net/ip_vs_conn, conntrack use."""
+    connection states from /proc/net/ip_vs_conn, conntrack use. With the nftables dataplane:
+    the per-service packet counters of its table, and no connection states (it keeps none)."""
 
-    def __init__(self) -> None:
-        self._ipvs = LinuxIpvs()
+    def __init__(self, dsr: DsrSettings | None = None) -> None:
+        self._source: LinuxIpvs | NftDsr = NftDsr(dsr) if dsr is not None else LinuxIpvs()
 
     def read(self) -> StatsSnapshot:
-        return StatsSnapshot(self._ipvs.stats(), read_ip_vs_conn(), read_conntrack())
+        conn_states = read_ip_vs_conn() if isinstance(self._source, LinuxIpvs) else None
+        return StatsSnapshot(self._source.stats(), conn_states, read_conntrack())
 
     def close(self) -> None:
-        self._ipvs.close()
+        self._source.close()
 
 
 class BoardReadiness:
@@ -130,14 +166,42 @@ class BoardReadiness:
         await self._board.put("director", self._host, status)
 
 
-def require_ipvs() -> None:
+def ipvs_problem() -> str | None:
+    """Why IPVS cannot be used here; None when it can."""
     probe = LinuxIpvs()  # its own socket: the app's stay on the app's kernel thread (kube2ipvs.workers)
     try:
         probe.observe()
     except KernelError as exc:
-        raise RoleUsageError(f"this kernel has no usable IPVS ({exc}); load ip_vs or use another host") from exc
+        return str(exc)
     finally:
         probe.close()
+    return None
+
+
+def choose_dataplane(args: argparse.Namespace) -> DsrSettings | None:
+    """The nftables dataplane's settings, or None for IPVS; says which and why."""
+    if args.dataplane in {"ipvs", "auto"}:
+        problem = ipvs_problem()
+        if problem is None:
+            log.info("event=dataplane dataplane=ipvs")
+            return None
+        if args.dataplane == "ipvs":
+            raise RoleUsageError(f"this kernel has no usable IPVS ({problem}); load ip_vs, or run with "
+                                 "--dataplane nftables")
+        if not args.interface:
+            raise RoleUsageError(f"this kernel has no usable IPVS ({problem}), and the nftables dataplane it "
+                                 "would fall back to needs --interface (where VIP traffic arrives)")
+        log.warning("event=dataplane dataplane=nftables reason=%r: this kernel has no usable IPVS, so VIP "
+                    "traffic is forwarded by the nftables dataplane (stateless direct routing, Maglev tables) "
+                    "on %s", problem, args.interface)
+    elif not args.interface:
+        raise RoleUsageError("--dataplane nftables needs --interface (where VIP traffic arrives)")
+    else:
+        log.info("event=dataplane dataplane=nftables interface=%s", args.interface)
+    try:
+        return DsrSettings(args.interface, table_size=args.maglev_size, seed=args.hash_seed)
+    except ValueError as exc:
+        raise RoleUsageError(f"--interface/--maglev-size/--hash-seed: {exc}") from exc
 
 
 def drop_vips(host: LinuxHost) -> None:
@@ -181,14 +245,18 @@ async def serve(app: DirectorApp, subscriber: StateSubscriber, board: StatusBoar
 
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    dsr = await asyncio.to_thread(choose_dataplane, args)
     settings = director_settings(args)
-    await asyncio.to_thread(require_ipvs)
-    ipvs = LinuxIpvs()
+    if dsr is not None:  # no IPVS connection timeouts or net.ipv4.vs sysctls to hold
+        settings = replace(settings, timeouts=Timeouts(), vs_sysctls={})
+    ipvs: LinuxIpvs | NftDsr = NftDsr(dsr) if dsr is not None else LinuxIpvs()
     host = LinuxHost(device=args.device)
     app: DirectorApp | None = None
     try:
         if args.cleanup:
             removed = await asyncio.to_thread(cleanup, ipvs, host, settings.state_file)
+            if isinstance(ipvs, NftDsr) and await asyncio.to_thread(ipvs.remove_table):
+                removed.append(f"DeleteTable netdev {ipvs.settings.table}")
             if await asyncio.to_thread(host.remove_device):
                 removed.append(f"DeleteDevice {args.device}")
             log.info("event=cleaned_up removed=%d what=%r", len(removed), [str(op) for op in removed])
@@ -199,11 +267,14 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         board = StatusBoard(nats)
         lease = Lease(nats, args.lease, args.host_name, ttl=args.lease_ttl) if args.mode == "arp" and args.lease \
             else None
-        stats = LinuxStats()
+        stats = LinuxStats(dsr)
         app = DirectorApp(
             ipvs, host, source=subscriber, settings=settings, readiness=BoardReadiness(board, args.host_name),
             stats=stats, announcer=announcer, leadership=lease,
             describe={"mode": args.mode, "host_name": args.host_name, "device": args.device,
+                      "dataplane": "nftables" if dsr is not None else "ipvs",
+                      **({"interface": dsr.interface, "maglev_size": dsr.table_size, "hash_seed": hex(dsr.seed),
+                          "nft_table": f"netdev {dsr.table}"} if dsr is not None else {}),
                       "drain_timeout": args.drain_timeout,
                       "timeouts": {"tcp": settings.timeouts.tcp, "tcpfin": settings.timeouts.tcpfin,
                                    "udp": settings.timeouts.udp},
