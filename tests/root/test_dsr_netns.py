@@ -38,7 +38,7 @@ from kube2ipvs_director.app import DirectorApp, DirectorSettings
 from kube2ipvs_director.dsr import DsrSettings
 from kube2ipvs_director.host import LinuxHost
 from kube2ipvs_director.nftdsr import NftDsr
-from kube2ipvs_director.plan import ServiceId, Timeouts
+from kube2ipvs_director.plan import AddDest, AddService, ServiceId, Timeouts
 from tests.builders import config, endpointslice, node, service, web_entry
 from tests.natsfixture import nats_server_binary
 from tests.root.conftest import SERVER, Lab, Netns, skip_reason
@@ -505,3 +505,43 @@ def test_a_director_forwards_only_frames_addressed_to_it(topology: Topology) -> 
                 dataplane.close()
 
     run(scenario())
+
+
+def test_ipv6_vips_are_forwarded_by_direct_routing_too(lab: Lab) -> None:
+    """client 2001:db8:c::2 -> router -> director (fwd ip6) -> node n1 or n2, which hold the VIP
+    on lo and serve it themselves, and answer the client directly."""
+    vip6 = "2001:db8:80::1"
+    router, client, d = lab.netns("v6-r"), lab.netns("v6-c"), lab.netns("v6-d")
+    router.exec("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    router.ip("link", "add", "br0", "type", "bridge")
+    router.ip("link", "set", "br0", "up")
+    router.ip("addr", "add", "fd00:99::1/64", "dev", "br0")
+    lab.link(router, "rc", client, "eth0")
+    router.ip("addr", "add", "2001:db8:c::1/64", "dev", "rc")
+    client.ip("addr", "add", "2001:db8:c::2/64", "dev", "eth0")
+    client.ip("-6", "route", "add", "default", "via", "2001:db8:c::1")
+    members = {"d": (d, "fd00:99::11")}
+    for name in ("n1", "n2"):
+        members[name] = (lab.netns(f"v6-{name}"), f"fd00:99::{20 + int(name[1])}")
+    for name, (ns, address) in members.items():
+        lab.link(ns, f"{name}0", router, f"r-{name}")
+        router.ip("link", "set", f"r-{name}", "master", "br0")
+        ns.ip("addr", "add", f"{address}/64", "dev", f"{name}0")
+        if name != "d":
+            ns.ip("-6", "route", "add", "default", "via", "fd00:99::1")
+            ns.ip("addr", "add", f"{vip6}/128", "dev", "lo")
+            lab.spawn_ready(ns, [sys.executable, "-c", SERVER, name, "8080"])
+    router.ip("-6", "route", "add", f"{vip6}/128", "via", "fd00:99::11")
+    dataplane = NftDsr(DsrSettings("d0"), netns=d.name)
+    sid = ServiceId(vip6, 6, 8080, "tcp")
+    try:
+        dataplane.observe()
+        dataplane.apply([AddService(sid, "mh", ()), AddDest(sid, "fd00:99::21", 8080, "g", 1, 0, 0),
+                         AddDest(sid, "fd00:99::22", 8080, "g", 1, 0, 0)])
+        answers = client.exec("curl", "-sS", "-m", "5", "-H", "Connection: close",
+                              *[f"http://[{vip6}]:8080/"] * 30).splitlines()
+        assert {line.split()[0] for line in answers} == {"n1", "n2"}, answers
+        assert {line.split()[1] for line in answers} == {"2001:db8:c::2"}
+        assert {s.id: s.counters.packets_in for s in dataplane.stats()}[sid] > 0
+    finally:
+        dataplane.close()
