@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -254,11 +255,85 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--config-key", metavar="K", help="ConfigMap data key (optional when it has one key)")
     validate.set_defaults(handler=cmd_validate_config)
 
+    lab = sub.add_parser("lab", help="the whole system on this host, in network namespaces (root)",
+                         description="Run the whole system on this host in network namespaces: a client, an FRR "
+                         "router, two BGP directors, compute nodes with pods, NATS and the watcher reading "
+                         "lab/cluster/. Needs root.")
+    lab_sub = lab.add_subparsers(dest="lab_command", metavar="up|status|down|probe", parser_class=_Parser,
+                                 required=True)
+    for name, text in (("up", "start the lab and return once every VIP answers"),
+                       ("status", "what runs and whether it is healthy"),
+                       ("down", "stop every process and delete every namespace the lab started"),
+                       ("probe", "one request to a VIP from the client namespace"),
+                       ("run", "the lab's supervisor (started by `up`)")):
+        lp = lab_sub.add_parser(name, help=text if name != "run" else argparse.SUPPRESS, description=text)
+        lp.add_argument("--name", type=_lab_name, default="lab", help="the lab's name (default lab)")
+        lp.add_argument("--state-root", type=Path, default=Path("/run/kube2ipvs-lab"), help=argparse.SUPPRESS)
+        if name in ("up", "run"):
+            lp.add_argument("--cluster", type=Path, default=Path("lab/cluster"), metavar="DIR",
+                            help="directory of Nodes, Services, EndpointSlices and the LB ConfigMap "
+                                 "(default lab/cluster)")
+        if name == "status":
+            lp.add_argument("--json", action="store_true", help="machine-readable")
+        if name == "probe":
+            lp.add_argument("url", metavar="URL", help="http://VIP:PORT/ or udp://VIP:PORT")
+        lp.set_defaults(handler=cmd_lab)
+
     for role in ROLES:
         rp = sub.add_parser(role, help=f"run the {role} service", add_help=False)
         rp.add_argument("role_args", nargs=argparse.REMAINDER)
         rp.set_defaults(role=role)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# lab
+
+
+def _lab_name(text: str) -> str:
+    from kube2ipvs.lab import LabUsageError, validate_name
+
+    try:
+        return validate_name(text)
+    except LabUsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_lab(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import json
+
+    from kube2ipvs import lab
+    from kube2ipvs.labplan import LabVip
+
+    try:
+        if args.lab_command == "up":
+            return lab.lab_up(args.name, args.cluster, out, root=args.state_root)
+        if args.lab_command == "run":
+            return lab.supervise(args.name, args.cluster, args.state_root)
+        if args.lab_command == "down":
+            return lab.lab_down(args.name, out, root=args.state_root)
+        if args.lab_command == "status":
+            report = lab.status(args.name, root=args.state_root)
+            if args.json:
+                out.write(json.dumps(report, indent=2) + "\n")
+            else:
+                lab.print_status(report, out)
+            return 0 if report["phase"] == "ready" else 1
+        match = re.fullmatch(r"(http|udp)://([0-9.]+):(\d+)/?", args.url)
+        if match is None:
+            raise UsageError(f"{args.url!r}: give http://VIP:PORT/ or udp://VIP:PORT")
+        record = lab.running(args.name, args.state_root)
+        if record is None:
+            raise UsageError(f"no lab named {args.name!r} is running")
+        vip = LabVip(match[2], int(match[3]), "tcp" if match[1] == "http" else "udp")
+        answer = lab.probe(record.client_namespace, vip, timeout=2.0)
+        if answer is None:
+            print(f"no answer from {args.url}", file=err)
+            return 1
+        print(answer, file=out)
+        return 0
+    except lab.LabUsageError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
