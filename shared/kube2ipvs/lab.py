@@ -3,11 +3,13 @@
 `up` checks the tools and the cluster files, then starts a supervisor (`lab run`) in the
 background and returns once every VIP answers from the client namespace (or says what failed).
 The supervisor builds the topology of `kube2ipvs.labplan`, starts every process inside it, and
-then keeps the pods and nodes equal to the cluster files (polled every 0.1 s): adding an
-endpoint starts a pod, removing one stops it, and the watcher publishes the same files, so
-traffic follows. `down` stops the supervisor, which stops every process it started (by PID) and
-deletes every namespace it created; `status` reads what the supervisor recorded and asks every
-service's /healthz.
+then keeps the pods and nodes equal to the cluster files (polled every 0.05 s), playing
+kubelet and endpoint controller: an endpoint added in the files gets its pod started, and only
+then appears in the feed the watcher reads (`<state>/cluster/objects.json`); an endpoint
+removed leaves the feed at once and its pod stops GRACE seconds later. So traffic follows the
+files without ever being sent to a pod that is not there yet. `down` stops the supervisor,
+which stops every process it started (by PID) and deletes every namespace it created;
+`status` reads what the supervisor recorded and asks every service's /healthz.
 
 What the lab records lives in its state directory (`/run/kube2ipvs-lab/<name>/`): `state.json`
 (namespaces, processes and their PIDs, VIPs, phase), the logs of every process, FRR's and NATS'
@@ -50,6 +52,7 @@ from kube2ipvs.labplan import (
     LabPod,
     LabVip,
     LabWorld,
+    feed,
     frr_config,
     read_cluster,
     veth_name,
@@ -60,7 +63,8 @@ FRR_DIR: Final = Path("/usr/lib/frr")
 PORTS: Final = {"watcher": 9871, "director": 9872, "bgp-speaker": 9873, "realserver": 9874}
 TOOLS: Final = ("ip", "nft", "curl", "gobgpd", "nats-server")
 UP_TIMEOUT: Final = 180.0
-POLL: Final = 0.1
+POLL: Final = 0.05
+GRACE: Final = 2.0  # seconds a pod that left the files keeps running (out of the feed already)
 _NAME: Final = re.compile(r"[a-z0-9]{1,8}\Z")
 
 
@@ -199,6 +203,10 @@ class Supervisor:
         self._stamp: tuple[tuple[str, int, int], ...] = ()
         self._last_error: str | None = None
         self._fabric_ports = 0
+        self.feed_dir = directory / "cluster"
+        self._feed = ""
+        self._doomed: dict[str, float] = {}  # pod address -> when to stop it (out of the feed already)
+        self._doomed_nodes: dict[str, float] = {}  # node -> when to remove it (out of the feed already)
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -318,9 +326,12 @@ class Supervisor:
         assert nats is not None  # checked by `up`
         self.spawn("nats", ctl, [nats, "-js", "-a", CTL, "-p", str(NATS_PORT), "-sd", str(store),
                                  "--server_name", f"kube2ipvs-lab-{self.name}"], ready="Server is ready")
-        self.spawn("watcher", ctl, _kube2ipvs(
-            "watcher", "--source", "files", "--files", str(self.cluster), "--files-interval", "0.1",
-            "--no-leader-elect", "--default-service", "default/unicorns:http", "--min-interval", "0.05",
+
+    def start_watcher(self) -> None:
+        """The watcher reads the feed (`labplan.feed`), which lists a pod once it serves."""
+        self.spawn("watcher", self.ns("ctl"), _kube2ipvs(
+            "watcher", "--source", "files", "--files", str(self.feed_dir), "--files-interval", "0.05",
+            "--no-leader-elect", "--default-service", "default/unicorns:http", "--min-interval", "0.02",
             "--nats", self.nats_url, "--listen", f"{CTL}:{PORTS['watcher']}"))
 
     def build_directors(self) -> None:
@@ -368,7 +379,10 @@ class Supervisor:
         ns = self.add_ns(veth_name("p", pod.address))
         run("ip", "-n", node_ns, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
         run("ip", "-n", node_ns, "link", "set", host_if, "up")
-        in_ns(node_ns, "sysctl", "-qw", f"net.ipv4.conf.{host_if}.proxy_arp=1", f"net.ipv4.conf.{host_if}.rp_filter=0")
+        # The pod's gateway is 169.254.1.1, answered by proxy ARP on the node's side, at once
+        # (proxy_delay's default holds each answer back by up to 0.8 s).
+        in_ns(node_ns, "sysctl", "-qw", f"net.ipv4.conf.{host_if}.proxy_arp=1", f"net.ipv4.conf.{host_if}.rp_filter=0",
+              f"net.ipv4.neigh.{host_if}.proxy_delay=0")
         run("ip", "-n", node_ns, "route", "add", f"{pod.address}/32", "dev", host_if)
         run("ip", "-n", ns, "addr", "add", f"{pod.address}/32", "dev", "eth0")
         run("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -399,22 +413,55 @@ class Supervisor:
         return tuple(stamp)
 
     def reconcile(self, world: LabWorld) -> None:
+        """Pods and nodes to the files, in Kubernetes' order: a new pod is started before the feed
+        lists it; a pod that goes leaves the feed first and stops GRACE seconds later, once the
+        load balancer no longer sends it anything (its connections end as they would on a
+        terminating pod)."""
         want_nodes = {n.name: n for n in world.nodes}
-        for name in sorted(self.record.nodes.keys() - want_nodes.keys()):
-            self.remove_node(name)
+        for name in want_nodes:
+            self._doomed_nodes.pop(name, None)
         for name in sorted(want_nodes.keys() - self.record.nodes.keys()):
             self.add_node(want_nodes[name])
         want_pods = {p.address: p for p in world.pods}
+        now = time.monotonic()
         for address, pod in sorted(self.record.pods.items()):
             wanted = want_pods.get(address)
-            if wanted is None or (wanted.name, wanted.node, list(wanted.tcp_ports), list(wanted.udp_ports)) != \
+            if wanted is not None and address in self._doomed:
+                del self._doomed[address]  # back before it stopped: it just serves again
+            if wanted is None:
+                self._doomed.setdefault(address, now + GRACE)
+            elif (wanted.name, wanted.node, list(wanted.tcp_ports), list(wanted.udp_ports)) != \
                     (pod["name"], pod["node"], pod["tcp"], pod["udp"]):
-                self.remove_pod(address)
+                self.remove_pod(address)  # changed: a new pod in its place
         for address in sorted(want_pods.keys() - self.record.pods.keys()):
             self.add_pod(want_pods[address])
+        serving = [a for a in self.record.pods if a not in self._doomed]
+        self.write_feed(feed(world.objects, serving))
+        for name in sorted(self.record.nodes.keys() - want_nodes.keys()):
+            self._doomed_nodes.setdefault(name, now + GRACE)
         self.record.vips = [asdict(v) for v in world.vips]
         self.record.skipped = list(world.skipped)
         self.save()
+
+    def write_feed(self, text: str) -> None:
+        if text == self._feed:
+            return
+        self.feed_dir.mkdir(exist_ok=True)
+        tmp = self.feed_dir / ".objects.json.tmp"  # a dot file: the watcher reads *.json only
+        tmp.write_text(text)
+        os.replace(tmp, self.feed_dir / "objects.json")
+        self._feed = text
+
+    def stop_due(self) -> None:
+        now = time.monotonic()
+        for address, when in sorted(self._doomed.items()):
+            if when <= now:
+                del self._doomed[address]
+                self.remove_pod(address)
+        for name, when in sorted(self._doomed_nodes.items()):
+            if when <= now:
+                del self._doomed_nodes[name]
+                self.remove_node(name)
 
     def follow_files(self) -> None:
         stamp = self._files_stamp()
@@ -471,6 +518,7 @@ class Supervisor:
             self.build_directors()
             self.reconcile(world)
             self._stamp = self._files_stamp()
+            self.start_watcher()
             self.wait_vips(UP_TIMEOUT)
             self.read_dataplane()
         except (LabError, OSError, subprocess.SubprocessError) as exc:
@@ -486,6 +534,7 @@ class Supervisor:
         while not self.stopping:
             self.reap()
             try:
+                self.stop_due()
                 self.follow_files()
             except (LabError, OSError, subprocess.SubprocessError) as exc:
                 print(f"lab: could not follow the files: {exc}", flush=True)

@@ -79,6 +79,33 @@ class LabWorld:
     vips: tuple[LabVip, ...]  # every VIP:port/protocol with a backend
     state: ClusterState = field(repr=False, compare=False)
     skipped: tuple[str, ...] = ()  # endpoints that get no pod, with why
+    objects: tuple[dict[str, object], ...] = field(default=(), repr=False, compare=False)  # as read
+
+
+def feed(objects: Iterable[Mapping[str, object]], serving: Iterable[str]) -> str:
+    """The objects the lab's watcher reads: the cluster files' objects, with every EndpointSlice
+    listing only the endpoints whose pod serves (as Kubernetes lists a pod once it is ready and
+    takes it out before it stops). A JSON List, in a stable order."""
+    up = set(serving)
+    items = []
+    for obj in objects:
+        endpoints = obj.get("endpoints")
+        if obj.get("kind") == "EndpointSlice" and isinstance(endpoints, list):
+            kept = []
+            for ep in endpoints:
+                addresses = ep.get("addresses") if isinstance(ep, dict) else None
+                if isinstance(addresses, list) and addresses and _canonical(addresses[0]) in up:
+                    kept.append(ep)
+            obj = {**obj, "endpoints": kept}
+        items.append(dict(obj))
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, sort_keys=True, indent=1) + "\n"
+
+
+def _canonical(value: object) -> str | None:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        return None
 
 
 def _objects(directory: Path) -> list[dict[str, object]]:
@@ -194,7 +221,7 @@ def read_cluster(directory: Path) -> LabWorld:
     state = normalize(nodes, services, slices, config)
     vips = tuple(sorted({LabVip(vs.vip, vs.port, vs.protocol) for vs in state.services
                          if vs.backends and vs.family == 4}))
-    return LabWorld(lab_nodes, pods, vips, state, skipped)
+    return LabWorld(lab_nodes, pods, vips, state, skipped, tuple(objects))
 
 
 def frr_config(neighbours: Mapping[str, str] = DIRECTORS) -> str:
