@@ -89,16 +89,17 @@ def feed(objects: Iterable[Mapping[str, object]], serving: Iterable[str]) -> str
     up = set(serving)
     items = []
     for obj in objects:
+        item = dict(obj)
         endpoints = obj.get("endpoints")
         if obj.get("kind") == "EndpointSlice" and isinstance(endpoints, list):
-            kept = []
-            for ep in endpoints:
-                addresses = ep.get("addresses") if isinstance(ep, dict) else None
-                if isinstance(addresses, list) and addresses and _canonical(addresses[0]) in up:
-                    kept.append(ep)
-            obj = {**obj, "endpoints": kept}
-        items.append(dict(obj))
+            item["endpoints"] = [ep for ep in endpoints if _serving(ep, up)]
+        items.append(item)
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, sort_keys=True, indent=1) + "\n"
+
+
+def _serving(endpoint: object, up: set[str]) -> bool:
+    addresses = endpoint.get("addresses") if isinstance(endpoint, dict) else None
+    return isinstance(addresses, list) and bool(addresses) and _canonical(addresses[0]) in up
 
 
 def _canonical(value: object) -> str | None:
