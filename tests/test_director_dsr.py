@@ -18,9 +18,11 @@ from kube2ipvs_director.dsr import (
     DsrError,
     DsrSettings,
     Layout,
+    adopt,
     change,
     element_count,
     layout_of,
+    render_load,
     render_table,
     table_key,
 )
@@ -94,7 +96,7 @@ def test_services_with_the_same_nodes_and_weights_share_one_table() -> None:
     layout = layout_of([a, b, c], 13)
     assert layout.table_of[a.id] == layout.table_of[b.id] != layout.table_of[c.id]
     assert len(layout.tables) == 2
-    assert element_count(layout) == 3 + 6 + 2 * 13
+    assert element_count(layout) == 3 + 6 + 2 * (13 + 1)  # services, real servers, slots and checks
     kernel = Kernel.loaded(layout)
     want = maglev_table({"10.0.0.1": 2, "10.0.0.2": 1}, 13)
     assert [kernel.forward(a.id, i) for i in range(13)] == list(want)
@@ -118,7 +120,7 @@ def test_a_change_on_a_table_of_its_own_rewrites_only_the_slots_that_move() -> N
     old_slots = maglev_table({"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.3": 1}, 13)
     new_slots = maglev_table({"10.0.0.1": 1, "10.0.0.2": 1}, 13)
     moved = sum(a != b for a, b in zip(old_slots, new_slots, strict=True))
-    assert done.elements == 2 * moved + 1  # each moved slot: delete + add; one real server deleted
+    assert done.elements == 2 * moved + 1 + 2  # each moved slot: delete + add; a real server; the check
     assert "svc4" not in done.text  # same table id
     kernel = Kernel.loaded(before)
     kernel.run(done.text)
@@ -211,3 +213,54 @@ def test_any_sequence_of_changes_leaves_the_kernel_as_a_full_load_of_the_last_st
         used = set(layout.table_of.values())
         assert used == set(layout.tables)  # no table without a user, no user without its table
         assert {layout.tables[t].key: t for t in used} == layout.by_key
+
+
+def checks_of(kernel: Kernel) -> dict[int, int]:
+    return {int(k): int(v) for k, v in kernel.maps.get("tables", {}).items()}
+
+
+def table_ids_of(kernel: Kernel) -> dict[ServiceId, int]:
+    out = {}
+    for fam, family in (("4", 4), ("6", 6)):
+        for key, tid in kernel.maps.get(f"svc{fam}", {}).items():
+            vip, proto, port = key.split(" . ")
+            out[ServiceId(vip, family, int(port), "udp" if proto == "udp" else "tcp")] = int(tid)  # type: ignore[arg-type]
+    return out
+
+
+THREE = [svc("192.0.2.1", 80, ("10.0.0.1", 2), ("10.0.0.2", 1)),
+         svc("192.0.2.1", 443, ("10.0.0.1", 2), ("10.0.0.2", 1)),
+         svc("2001:db8::1", 53, ("2001:db8:1::1", 1), protocol="udp"),
+         svc("192.0.2.2", 80, ("10.0.0.3", 0))]
+
+
+def test_a_load_in_chunks_holds_what_one_transaction_holds_and_hooks_in_last() -> None:
+    layout = layout_of(THREE, 13)
+    chunks = list(render_load(layout, SETTINGS, chunk=10))
+    assert len(chunks) > 3
+    assert all("hook ingress" not in c for c in chunks[:-1])
+    assert "hook ingress" in chunks[-1]
+    kernel = Kernel()
+    for text in chunks:
+        kernel.run(text)
+    assert kernel.maps == Kernel.loaded(layout).maps
+
+
+def test_a_restarted_director_adopts_the_tables_it_would_write() -> None:
+    layout = layout_of(THREE, 13)
+    kernel = Kernel.loaded(layout)
+    services = {s.id: s for s in THREE}
+    adopted = adopt(services, table_ids_of(kernel), checks_of(kernel), SETTINGS)
+    assert adopted is not None
+    assert adopted.table_of == layout.table_of
+    assert {t: x.slots for t, x in adopted.tables.items()} == {t: x.slots for t, x in layout.tables.items()}
+    # With another table size or seed, or nodes that differ from what the tables were made for: no.
+    assert adopt(services, table_ids_of(kernel), checks_of(kernel), DsrSettings("eth0", table_size=17)) is None
+    assert adopt(services, table_ids_of(kernel), checks_of(kernel), DsrSettings("eth0", table_size=13, seed=1)) \
+        is None
+    changed = {**services, THREE[0].id: svc("192.0.2.1", 80, ("10.0.0.1", 2))}
+    assert adopt(changed, table_ids_of(kernel), checks_of(kernel), SETTINGS) is None
+    # A table no service uses any more is not adopted either: a full load cleans it up.
+    fewer = {sid: s for sid, s in services.items() if sid.family == 4}
+    ids = {sid: t for sid, t in table_ids_of(kernel).items() if sid.family == 4}
+    assert adopt(fewer, ids, checks_of(kernel), SETTINGS) is None

@@ -26,6 +26,8 @@ from typing import Final
 
 NETLINK_NETFILTER: Final = 12
 NFNL_SUBSYS_NFTABLES: Final = 10
+NFT_MSG_NEWCHAIN: Final = 3
+NFT_MSG_GETCHAIN: Final = 4
 NFT_MSG_NEWSETELEM: Final = 12
 NFT_MSG_GETSETELEM: Final = 13
 NLM_F_REQUEST: Final = 0x1
@@ -37,6 +39,7 @@ FAMILIES: Final = {"ip": socket.AF_INET, "ip6": socket.AF_INET6, "inet": 1, "net
 
 # nf_tables.h attribute numbers
 _LIST_TABLE, _LIST_SET, _LIST_ELEMENTS = 1, 2, 3
+_CHAIN_TABLE, _CHAIN_NAME = 1, 3
 _LIST_ELEM = 1
 _ELEM_KEY, _ELEM_DATA, _ELEM_EXPR, _ELEM_EXPRESSIONS = 1, 2, 7, 11
 _DATA_VALUE, _DATA_VERDICT = 1, 2
@@ -178,6 +181,31 @@ class SetReader:
                     if elements is not None:
                         found.extend(_element(buf, s, e) for _, s, e in _attrs(buf, *elements))
                 offset = (end + 3) & ~3
+
+
+    def has_chain(self, family: str, table: str, chain: str) -> bool:
+        """Whether the chain exists (one NFT_MSG_GETCHAIN: nft would list the whole table first)."""
+        self._seq += 1
+        seq = self._seq
+        body = struct.pack("=BBH", FAMILIES[family], 0, 0) + _string(_CHAIN_TABLE, table) + _string(_CHAIN_NAME, chain)
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN
+        self._sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body)
+        while True:
+            buf = self._sock.recv(1 << 16)
+            offset = 0
+            while offset + _HDR.size <= len(buf):
+                length, mtype, _, mseq, _ = _HDR.unpack_from(buf, offset)
+                if length < _HDR.size:
+                    raise NetlinkError(errno.EIO, "truncated netlink message")
+                if mseq == seq:
+                    if mtype & 0xFF == NFT_MSG_NEWCHAIN:
+                        return True
+                    if mtype == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", buf, offset + _HDR.size)[0]
+                        if code == errno.ENOENT:
+                            return False
+                        raise NetlinkError(code, f"{os.strerror(code)}: chain {family} {table} {chain}")
+                offset = (offset + length + 3) & ~3
 
 
 _PROTOCOLS: Final = {6: "tcp", 17: "udp"}

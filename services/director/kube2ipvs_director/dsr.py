@@ -40,7 +40,8 @@ graceful drain. Only direct routing ("g") to the service's own port is possible.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Final, TypeAlias
@@ -100,6 +101,14 @@ def table_key(svc: ObservedService) -> TableKey | None:
 @lru_cache(maxsize=4096)
 def slots_of(key: TableKey, size: int) -> tuple[str, ...]:
     return maglev_table(dict(key[1]), size)
+
+
+def table_check(key: TableKey, settings: DsrSettings) -> int:
+    """What map `tables` holds for a Maglev table: a 32-bit digest of its nodes and weights, the
+    table size and the hash seed. Written in the transaction that writes the table's slots, so a
+    restarted director can tell which tables it may keep as they are."""
+    text = f"{settings.table_size}|{settings.seed}|{key[0]}|" + ",".join(f"{a}={w}" for a, w in key[1])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
 def check_service(svc: ObservedService, size: int) -> None:
@@ -268,6 +277,8 @@ def change(before: Layout, updates: Mapping[ServiceId, ObservedService | None], 
         assert either is not None  # tid came from one of the two layouts
         out.diff(f"slots{_fam(either.key[0])}", _slot_entries(tid, old_table.slots) if old_table else {},
                  _slot_entries(tid, new_table.slots) if new_table else {})
+        out.diff("tables", {str(tid): str(table_check(old_table.key, settings))} if old_table else {},
+                 {str(tid): str(table_check(new_table.key, settings))} if new_table else {})
     return Change(out.text(), after, out.count())
 
 
@@ -279,27 +290,20 @@ def layout_of(services: Iterable[ObservedService], size: int) -> Layout:
 def element_count(layout: Layout) -> int:
     """The elements a full load of `layout` writes."""
     return (len(layout.services) + sum(len(s.dests) for s in layout.services.values())
-            + sum(len(t.slots) for t in layout.tables.values()))
+            + sum(len(t.slots) + 1 for t in layout.tables.values()))
 
 
-def render_table(layout: Layout, settings: DsrSettings) -> str:
-    """The whole table, replacing whatever table of that name there was, in one transaction."""
+def _definitions(settings: DsrSettings, *, ingress: bool) -> str:
     t, dev, m, seed = settings.table, settings.interface, settings.table_size, settings.seed
-    head = f"""add table netdev {t}
-delete table netdev {t}
-table netdev {t} {{
+    return f"""table netdev {t} {{
   comment "kube2ipvs director: stateless direct routing by Maglev tables of {m} slots, hash seed {seed:#x}"
   map svc4 {{ type ipv4_addr . inet_proto . inet_service : mark; counter; }}
   map svc6 {{ type ipv6_addr . inet_proto . inet_service : mark; counter; }}
   map slots4 {{ typeof meta mark . numgen inc mod {m} : ip daddr; }}
   map slots6 {{ typeof meta mark . numgen inc mod {m} : ip6 daddr; }}
+  map tables {{ type mark : mark; }}
   map dests4 {{ type ipv4_addr . inet_proto . inet_service . ipv4_addr : mark; }}
   map dests6 {{ type ipv6_addr . inet_proto . inet_service . ipv6_addr : mark; }}
-  chain ingress {{
-    type filter hook ingress device "{dev}" priority 0; policy accept;
-    meta pkttype host meta mark set ip daddr . meta l4proto . th dport map @svc4 goto dsr4
-    meta pkttype host meta mark set ip6 daddr . meta l4proto . th dport map @svc6 goto dsr6
-  }}
   chain dsr4 {{
     fwd ip to meta mark . jhash ip saddr . th sport mod {m} seed {seed:#x} map @slots4 device "{dev}"
     drop
@@ -308,18 +312,93 @@ table netdev {t} {{
     fwd ip6 to meta mark . jhash ip6 saddr . th sport mod {m} seed {seed:#x} map @slots6 device "{dev}"
     drop
   }}
-}}
+{_ingress(settings) if ingress else ""}}}
 """
+
+
+def _ingress(settings: DsrSettings) -> str:
+    return f"""  chain ingress {{
+    type filter hook ingress device "{settings.interface}" priority 0; policy accept;
+    meta pkttype host meta mark set ip daddr . meta l4proto . th dport map @svc4 goto dsr4
+    meta pkttype host meta mark set ip6 daddr . meta l4proto . th dport map @svc6 goto dsr6
+  }}
+"""
+
+
+def _table_elements(out: _Elements, tid: int, table: Table, settings: DsrSettings) -> None:
+    out.diff(f"slots{_fam(table.key[0])}", {}, _slot_entries(tid, table.slots))
+    out.diff("tables", {}, {str(tid): str(table_check(table.key, settings))})
+
+
+def _service_elements(out: _Elements, layout: Layout, sid: ServiceId) -> None:
+    fam = _fam(sid.family)
+    out.diff(f"svc{fam}", {}, {_svc_key(sid): str(layout.table_of.get(sid, 0))})
+    out.diff(f"dests{fam}", {}, _dest_entries(layout.services[sid]))
+
+
+def render_table(layout: Layout, settings: DsrSettings) -> str:
+    """The whole table, replacing whatever table of that name there was, in one transaction."""
+    t = settings.table
     out = _Elements(t)
     for sid in sorted(layout.services):
-        svc = layout.services[sid]
-        fam = _fam(sid.family)
-        out.diff(f"svc{fam}", {}, {_svc_key(sid): str(layout.table_of.get(sid, 0))})
-        out.diff(f"dests{fam}", {}, _dest_entries(svc))
+        _service_elements(out, layout, sid)
     for tid in sorted(layout.tables):
-        table = layout.tables[tid]
-        out.diff(f"slots{_fam(table.key[0])}", {}, _slot_entries(tid, table.slots))
-    return head + out.text()
+        _table_elements(out, tid, layout.tables[tid], settings)
+    return f"add table netdev {t}\ndelete table netdev {t}\n" + _definitions(settings, ingress=True) + out.text()
+
+
+def render_load(layout: Layout, settings: DsrSettings, *, chunk: int = 50_000) -> Iterator[str]:
+    """The whole table as a series of transactions of about `chunk` elements each, for a host
+    that has no such table yet: the definitions first (without the ingress hook, so no packet
+    meets a half-written table), then each Maglev table with its check, then the services, and
+    the ingress hook last. Bounded memory for nft's parser, whatever the size; a table whose
+    check is in the kernel has all its slots there, should the load be cut short."""
+    t = settings.table
+    yield f"add table netdev {t}\n" + _definitions(settings, ingress=False)
+    out = _Elements(t)
+    for tid in sorted(layout.tables):
+        _table_elements(out, tid, layout.tables[tid], settings)
+        if out.count() >= chunk:
+            yield out.text()
+            out = _Elements(t)
+    for sid in sorted(layout.services):
+        _service_elements(out, layout, sid)
+        if out.count() >= chunk:
+            yield out.text()
+            out = _Elements(t)
+    yield out.text() + f"table netdev {t} {{\n{_ingress(settings)}}}\n"
+
+
+def adopt(services: Mapping[ServiceId, ObservedService], table_ids: Mapping[ServiceId, int],
+          checks: Mapping[int, int], settings: DsrSettings) -> Layout | None:
+    """The layout a table read back from the kernel holds, when every Maglev table it uses is
+    one this size and seed would write for its services' nodes and weights (its check says so);
+    None otherwise (then the table is loaded again)."""
+    layout = Layout()
+    for sid, svc in services.items():
+        layout.services[sid] = svc
+        tid = table_ids.get(sid, 0)
+        key = table_key(svc)
+        if (key is None) != (tid == 0):
+            return None
+        if key is None:
+            continue
+        if checks.get(tid) != table_check(key, settings):
+            return None
+        table = layout.tables.get(tid)
+        if table is None:
+            if key in layout.by_key:
+                return None  # two tables for one node set: not what this code writes
+            layout.tables[tid] = Table(key, slots_of(key, settings.table_size), frozenset({sid}))
+            layout.by_key[key] = tid
+        elif table.key != key:
+            return None
+        else:
+            layout.tables[tid] = replace(table, users=table.users | {sid})
+        layout.table_of[sid] = tid
+    if set(checks) != set(layout.tables):
+        return None  # tables no service uses (or used tables without a check)
+    return layout
 
 
 def as_observed(svc: ObservedService, dests: Iterable[tuple[str, int]], remembered: ObservedService | None

@@ -7,10 +7,16 @@ them with that layout; `apply(ops)` turns the ops into the services' new states 
 
 - only the elements that change, on a long-lived libnftables context, while the kernel agrees
   with the layout it holds;
-- the whole table, replacing the old one in one transaction, otherwise: on the first apply of a
-  process, after a failed transaction, and when `observe()` found the kernel different (someone
-  deleted an element or the table). The Maglev tables depend only on the nodes and weights, so
-  reloading an unchanged configuration moves no flow.
+- the whole table otherwise: replacing the old one in one transaction after a failed
+  transaction or when `observe()` found the kernel different from what it wrote and not
+  adoptable (someone deleted an element); or, when there is no table yet, in transactions of
+  about 50,000 elements with the ingress hook added last (`dsr.render_load`: bounded memory for
+  nft's parser). The Maglev tables depend only on the nodes and weights, so reloading an
+  unchanged configuration moves no flow.
+
+A new process adopts the table it finds when every Maglev table in it carries the check this
+table size and seed give its services' nodes and weights (`dsr.adopt`): a restarted director
+changes nothing in the kernel and parses no table text.
 
 Each transaction is atomic: when nft refuses it, nothing of it is in the kernel
 (`ApplyError.applied` is empty).
@@ -35,10 +41,12 @@ from kube2ipvs_director.dsr import (
     DsrError,
     DsrSettings,
     Layout,
+    adopt,
     as_observed,
     change,
     element_count,
     layout_of,
+    render_load,
     render_table,
 )
 from kube2ipvs_director.kernel import ApplyError, IpvsCounters, KernelError, ServiceStats
@@ -57,6 +65,8 @@ class NftDsr:
         self.netns = netns
         self.layout = Layout()
         self._trusted = False  # False: the kernel may differ from `layout`; the next apply loads everything
+        self._present = False  # whether observe() found the table
+        self.adoptions = 0
         self._observed: Observed = Observed()
         self._nft: libnft.Nft | None = None
         self._reader: SetReader | None = None
@@ -101,10 +111,11 @@ class NftDsr:
             self._reader = None
             raise KernelError(f"nft table netdev {self.settings.table}: {exc}") from exc
 
-    def _read(self) -> dict[ServiceId, tuple[int, list[tuple[str, int]], int, int]] | None:
-        """service -> (table id, [(node, weight)], packets, bytes) as the kernel holds them;
-        None when the table is not there."""
+    def _read(self) -> tuple[dict[ServiceId, tuple[int, list[tuple[str, int]], int, int]], dict[int, int]] | None:
+        """(service -> (table id, [(node, weight)], packets, bytes), table id -> check) as the
+        kernel holds them; None when the table is not there."""
         found: dict[ServiceId, tuple[int, list[tuple[str, int]], int, int]] = {}
+        checks: dict[int, int] = {}
         try:
             families: tuple[tuple[Family, str, int], ...] = ((4, "ip", 4), (6, "ip6", 16))
             for fam, kind, size in families:
@@ -123,19 +134,36 @@ class NftDsr:
                     entry = found.get(ServiceId(vip, fam, port, _protocol(proto)))
                     if entry is not None:
                         entry[1].append((node, _mark(data)))
+            checks = {_mark(key): _mark(data) for key, data, _, _ in self._elements("tables")}
         except NetlinkError as exc:
             if exc.errno == errno.ENOENT:
                 return None
             raise KernelError(f"nft table netdev {self.settings.table}: {exc}") from exc
-        return found
+        return found, checks
+
+    def _hooked(self) -> bool:
+        """Whether the table's ingress chain is there (a first load cut short has none)."""
+        if self._reader is None:
+            with self._in_netns():
+                self._reader = SetReader()
+        try:
+            return self._reader.has_chain("netdev", self.settings.table, "ingress")
+        except OSError:
+            return False
 
     def observe(self) -> Observed:
-        """The services and real servers the table holds (none when there is no table)."""
-        found = self._read()
-        if found is None:
-            self._trusted = False
+        """The services and real servers the table holds (none when there is no table).
+
+        A process that does not know the table yet (just started, or after a failure or drift)
+        adopts it when it is what this code writes for these services with this table size and
+        seed (`dsr.adopt`): a restart then changes nothing in the kernel."""
+        read = self._read()
+        if read is None:
+            self._trusted = self._present = False
             self._observed = Observed()
             return self._observed
+        self._present = True
+        found, checks = read
         services = []
         same = found.keys() == self.layout.services.keys()
         for sid in sorted(found):
@@ -149,12 +177,18 @@ class NftDsr:
         if not same:
             self._trusted = False
         self._observed = Observed(tuple(services))
+        if not self._trusted and self._hooked():
+            adopted = adopt({s.id: s for s in services}, {sid: found[sid][0] for sid in found}, checks,
+                            self.settings)
+            if adopted is not None:
+                self.layout, self._trusted = adopted, True
+                self.adoptions += 1
         return self._observed
 
     def stats(self) -> tuple[ServiceStats, ...]:
         """Packets and bytes to each service (the forwarded direction; replies bypass the
         director). Stateless: no connection counts."""
-        found = self._read() or {}
+        found = (self._read() or ({}, {}))[0]
         return tuple(ServiceStats(sid, IpvsCounters(packets_in=packets, bytes_in=octets))
                      for sid, (_, _, packets, octets) in sorted(found.items()))
 
@@ -185,10 +219,14 @@ class NftDsr:
                 self.deltas += 1
             else:
                 layout = layout_of(after.values(), self.settings.table_size)
-                text = render_table(layout, self.settings)
                 with self._in_netns():
-                    libnft.run_once(text)
+                    if self._present:  # replace it whole, in one transaction: no packet sees a half
+                        libnft.run_once(render_table(layout, self.settings))
+                    else:  # nothing to replace: in bounded transactions, hooked in last
+                        for text in render_load(layout, self.settings):
+                            libnft.run_once(text)
                 self.layout, self._trusted, self.last_elements = layout, True, element_count(layout)
+                self._present = True
                 self.full_loads += 1
         except DsrError as exc:
             index = next(i for i, op in enumerate(ops) if op.service == exc.service)
