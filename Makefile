@@ -5,13 +5,16 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # System packages the project needs. Later issues add to this one list.
-APT_PACKAGES := python3 python3-venv python3-pip nftables iptables iproute2 curl nats-server openssl qemu-system-x86 busybox-static kmod ipvsadm iputils-arping
+APT_PACKAGES := python3 python3-venv python3-pip nftables iptables iproute2 curl nats-server openssl qemu-system-x86 busybox-static kmod ipvsadm iputils-arping gobgpd frr golang-github-osrg-gobgp-dev chromium
 
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 # Rebuilt (pip re-run) only when the dependency declarations change.
 STAMP := $(VENV)/.kube2ipvs-installed
+# gobgpd's API modules, generated into the venv from Debian's gobgp .proto files (never committed).
+GOBGP_PROTOS := /usr/share/gocode/src/github.com/osrg/gobgp/api
+GOBGP_STAMP := $(VENV)/.kube2ipvs-gobgpapi
 # Per-lane logs and exit codes of the last `make test`, read by its summary.
 LANES := $(VENV)/test-lanes
 
@@ -26,11 +29,11 @@ help:
 	@echo "make lint      ruff, mypy, import-linter"
 	@echo "make test      install, lint, then every test lane (pure+fakes, root, vm)"
 	@echo "make test-vm   the real-IPVS lane alone (qemu VM, pytest -m vm; root)"
-	@echo "make lab       the whole system on this host (not there yet)"
+	@echo "make lab       the whole system on this host, in network namespaces (root; lab/README.md)"
 	@echo "make bench     render benchmark at cluster scale (BENCH_ARGS='--scale 0.1' for a quick run)"
 	@echo "make clean     remove .venv and caches"
 
-install: system-packages $(STAMP)
+install: system-packages $(STAMP) $(GOBGP_STAMP)
 
 # Installs only what is missing, so a second run costs one dpkg-query per package.
 system-packages:
@@ -52,6 +55,10 @@ $(VPY): | system-packages
 
 $(STAMP): pyproject.toml constraints.txt | $(VPY)
 	$(VPY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+$(GOBGP_STAMP): $(STAMP) $(GOBGP_PROTOS)/gobgp.proto services/bgp-speaker/kube2ipvs_bgp_speaker/genproto.py
+	$(VPY) -m kube2ipvs_bgp_speaker.genproto --protos $(GOBGP_PROTOS)
 	@touch $@
 
 # Every linter runs even when an earlier one fails, so one run shows every problem.
@@ -123,9 +130,11 @@ test-vm:
 	if [ "$$rc" = 5 ]; then rc=0; echo "(no tests collected for lane vm)"; fi; \
 	exit $$rc
 
-lab:
-	@echo "make lab: the lab does not exist yet; the lab issue brings it (the whole system in network namespaces on this host)" >&2
-	@exit 2
+# The whole system in network namespaces on this host (lab/README.md); root. It returns once
+# every VIP answers and leaves the lab running: `.venv/bin/kube2ipvs lab status|down`.
+lab: install
+	@if [ "$$(id -u)" != 0 ]; then echo "make lab: needs root (network namespaces, nftables, routes)" >&2; exit 2; fi
+	$(VENV)/bin/kube2ipvs lab up
 
 bench: install
 	$(VPY) bench/bench_render.py $(BENCH_ARGS)
@@ -133,6 +142,9 @@ bench: install
 	$(VPY) bench/bench_realserver.py $(BENCH_ARGS)
 	$(VPY) bench/bench_maglev.py $(BENCH_ARGS)
 	$(VPY) bench/bench_garp.py
+	$(VPY) bench/bench_dsr.py
+	$(VPY) bench/bench_lab.py
+	$(VPY) bench/bench_bgp.py $(BENCH_ARGS)
 	bench/run_director_bench.sh $(BENCH_ARGS)
 
 clean:

@@ -1,4 +1,6 @@
 """BGP speaker: announces VIP routes through gobgpd's gRPC API, gated on local director health.
 
-Not implemented yet: this package reserves the role's place in the layout (see the issues).
+plan.py (pure model and planner), errors.py (gobgpd's error kinds), gobgp.py (the gRPC adapter),
+fake.py (a strict in-memory gobgpd), app.py (the loop), main.py (`kube2ipvs bgp-speaker`),
+genproto.py (build-time generation of gobgpd's API modules). See ../README.md.
 """

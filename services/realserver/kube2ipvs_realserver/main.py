@@ -16,7 +16,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from kube2ipvs.natskv import NodeSliceSubscriber
+from kube2ipvs.heartbeat import heartbeat
+from kube2ipvs.natskv import NodeSliceSubscriber, StatusBoard
 from kube2ipvs.roleargs import RoleParser, RoleUsageError, add, add_common, nats_settings, positive_float, run_role
 from kube2ipvs.statusserver import StatusServer
 from kube2ipvs_realserver.app import AppSettings, RealserverApp, cleanup
@@ -70,6 +71,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
             raise RoleUsageError("--node (or $NODE_NAME) is required")
         nats = nats_settings(args, name=f"kube2ipvs-realserver-{args.node}")
         subscriber = NodeSliceSubscriber(nats, args.node)
+        board = StatusBoard(nats)
         app = RealserverApp(
             kernel, source=subscriber, settings=settings,
             app_settings=AppSettings(resync_interval=args.resync_interval,
@@ -85,14 +87,20 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         log.info("event=started role=realserver listen=%s:%d node=%s", host, server.port, args.node)
         try:
             await subscriber.start()
-            task = asyncio.create_task(app.run(), name="realserver")
+            # The board connects in the background; the health beat retries until it is there.
+            tasks = [asyncio.create_task(app.run(), name="realserver"),
+                     asyncio.create_task(board.start(), name="status-board"),
+                     asyncio.create_task(heartbeat(board, "realserver", args.node, app.health), name="heartbeat")]
             await stop.wait()
             log.info("event=stopping role=realserver")
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         finally:
             await subscriber.close()
+            await board.close()
             await server.stop()
             app.close()
         return 0
