@@ -20,6 +20,7 @@ from kube2ipvs.ipvs import desired_ipvs
 from kube2ipvs.model import ClusterState
 from kube2ipvs.normalize import normalize
 from kube2ipvs.render.ipvsadm import render_ipvsadm
+from kube2ipvs.statusserver import ConfigResponse
 from kube2ipvs_director.app import DirectorApp, DirectorSettings, cleanup, default_vs_sysctls
 from kube2ipvs_director.host import FakeHost
 from kube2ipvs_director.kernel import FakeIpvs
@@ -133,7 +134,7 @@ def test_foreign_services_stay_exactly_as_they_are() -> None:
     reconcile(app, cluster(1, TWO_NODES))
     reconcile(app)
     assert ipvs.services[foreign.id] == foreign
-    assert "10.96.0.10" not in app.config({"format": "ipvsadm"}).body
+    assert "10.96.0.10" not in answer(app, {"format": "ipvsadm"}).body
 
 
 def test_a_node_that_loses_its_last_endpoint_drains_then_goes() -> None:
@@ -200,14 +201,32 @@ def test_readiness_says_which_generation_is_applied_and_whether_healthy() -> Non
     assert (last["healthy"], last["generation"], last["vips"], last["mode"]) == (True, 5, ["192.0.2.1"], "arp")
 
 
+def answer(app: DirectorApp, query: Mapping[str, str]) -> ConfigResponse:
+    """/config's answer, awaited when the director reads the kernel for it."""
+    result = app.config(query)
+    if isinstance(result, ConfigResponse):
+        return result
+
+    async def wait() -> ConfigResponse:
+        return await result
+
+    return asyncio.run(wait())
+
+
 def test_config_shows_the_kernels_rules_as_kube2ipvs_rules_prints_them() -> None:
-    app = director()
-    assert app.config({"format": "ipvsadm"}).status == 503
+    ipvs = FakeIpvs()
+    app = director(ipvs)
+    assert answer(app, {"format": "ipvsadm"}).status == 503
     state = cluster(1, TWO_NODES)
     reconcile(app, state)
-    assert app.config({"format": "ipvsadm"}).body == render_ipvsadm(state, mode="arp")
-    assert app.config({"format": "desired"}).body == render_ipvsadm(state, mode="arp")
-    assert '"generation_applied": 1' in app.config({}).body
+    assert answer(app, {"format": "ipvsadm"}).body == render_ipvsadm(state, mode="arp")
+    assert answer(app, {"format": "desired"}).body == render_ipvsadm(state, mode="arp")
+    assert '"generation_applied": 1' in answer(app, {}).body
+    # A change by hand shows at once (the kernel is read for the answer), before a resync repairs it.
+    svc = ipvs.services[SID]
+    ipvs.services[SID] = replace(svc, dests=tuple(d for d in svc.dests if d.address != "198.51.100.2"))
+    assert "198.51.100.2" not in answer(app, {"format": "ipvsadm"}).body
+    assert "198.51.100.2" in answer(app, {"format": "desired"}).body
 
 
 @pytest.mark.parametrize("mode", ["arp", "bgp"])

@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--config-key", metavar="K", help="ConfigMap data key (optional when it has one key)")
     validate.set_defaults(handler=cmd_validate_config)
 
+    from kube2ipvs.publish import add_parser as add_publish_config  # kubernetes-asyncio loads only when run
+
+    add_publish_config(sub)
+
     lab = sub.add_parser("lab", help="the whole system on this host, in network namespaces (root)",
                          description="Run the whole system on this host in network namespaces: a client, an FRR "
                          "router, two BGP directors, compute nodes with pods, NATS and the watcher reading "
@@ -278,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "probe":
             lp.add_argument("url", metavar="URL", help="http://VIP:PORT/ or udp://VIP:PORT")
         lp.set_defaults(handler=cmd_lab)
+
+    from kube2ipvs.collectcmd import add_collect_command  # aiohttp only loads when collect runs
+
+    add_collect_command(sub)
+
+    from kube2ipvs.doctorio import add_parser as add_doctor  # pyroute2 and libnftables load only when it runs
+
+    add_doctor(sub)
 
     for role in ROLES:
         rp = sub.add_parser(role, help=f"run the {role} service", add_help=False)

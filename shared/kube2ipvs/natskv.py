@@ -962,6 +962,27 @@ class StatusBoard(_ExpiringBucket):
             return None
         return doc if isinstance(doc, dict) else None
 
+    async def documents(self) -> dict[str, dict[str, Any]]:
+        """Every live document, by key (`director.dir1`), in one pass over the bucket (the
+        watcher's status page). Values that are not JSON objects are left out."""
+        if self._kv is None:
+            raise KVError("status board not started")
+        watcher = await self._kv.watchall(ignore_deletes=True)
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of what the bucket held when the watch began
+                    break
+                try:
+                    doc = json.loads(entry.value or b"")
+                except ValueError:
+                    continue
+                if isinstance(doc, dict):
+                    out[entry.key] = doc
+        finally:
+            await watcher.stop()
+        return out
+
 
 # ---------------------------------------------------------------------------------------------
 # Lease (one active ARP director)

@@ -1,4 +1,5 @@
-"""`/healthz`, `/config` and `/metrics` for every role, served from the role's own event loop.
+"""`/healthz`, `/config` and `/metrics` for every role, served from the role's own event loop,
+plus any read-only GET pages a role adds (`pages`: the watcher's `/ui`).
 
 The only module of `shared` that imports aiohttp. Handlers call back into the role for their
 content, so a request never blocks the loop for longer than those callbacks take. `stop()`
@@ -54,9 +55,11 @@ class StatusServer:
         health: Callable[[], Health],
         config: ConfigHandler,
         registry: CollectorRegistry,
+        pages: Mapping[str, ConfigHandler] | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._health, self._config, self._registry = health, config, registry
+        self._pages = dict(pages or {})  # extra read-only GET routes of a role (the watcher's /ui)
         self._runner: web.AppRunner | None = None
         self.port = port
 
@@ -65,6 +68,8 @@ class StatusServer:
         app.router.add_get("/healthz", self._on_healthz)
         app.router.add_get("/config", self._on_config)
         app.router.add_get("/metrics", self._on_metrics)
+        for path, handler in self._pages.items():
+            app.router.add_get(path, self._page(handler))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
@@ -86,8 +91,17 @@ class StatusServer:
         return web.json_response(body, status=200 if h.ok else 503, dumps=lambda d: json.dumps(d, indent=2))
 
     async def _on_config(self, request: web.Request) -> web.Response:
+        return await self._answer(self._config, request)
+
+    def _page(self, handler: ConfigHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def on_page(request: web.Request) -> web.Response:
+            return await self._answer(handler, request)
+        return on_page
+
+    @staticmethod
+    async def _answer(handler: ConfigHandler, request: web.Request) -> web.Response:
         try:
-            result = self._config(dict(request.query))
+            result = handler(dict(request.query))
             response = await result if isinstance(result, Awaitable) else result
         except ConfigRequestError as exc:
             response = text_response(f"{exc}\n", 400)

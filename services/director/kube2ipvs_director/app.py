@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -660,7 +660,17 @@ class DirectorApp:
                                                                     sorted(self.settings_wrong.items())), detail)
         return Health(True, "", detail)
 
-    def config(self, query: Mapping[str, str]) -> ConfigResponse:
+    async def _kernel_rules(self) -> ConfigResponse:
+        """The owned services as the kernel holds them at this moment (read on the kernel thread,
+        between reconciles), so a change made by hand shows before the next resync repairs it."""
+        try:
+            observed = await self._kernel_thread.run(self.ipvs.observe)
+        except Exception as exc:  # the kernel could not be read: say so, the role goes on
+            return text_response(f"could not read the kernel: {type(exc).__name__}: {exc}\n", 503)
+        lines = service_lines(observed_as_desired(observed, self.owned_vips))
+        return text_response("\n".join(lines) + ("\n" if lines else ""))
+
+    def config(self, query: Mapping[str, str]) -> ConfigResponse | Awaitable[ConfigResponse]:
         fmt = query.get("format")
         if fmt is None:
             return json_response({
@@ -677,9 +687,9 @@ class DirectorApp:
             raise ConfigRequestError(f"format must be one of {', '.join(FORMATS)}")
         if self.observed is None:
             return text_response("not reconciled yet\n", 503)
-        if fmt == "ipvsadm":  # what the kernel holds now (as of the last reconcile), owned services only
-            lines = service_lines(observed_as_desired(self.observed, self.owned_vips))
-        elif fmt == "desired":
+        if fmt == "ipvsadm":  # what the kernel holds now, owned services only
+            return self._kernel_rules()
+        if fmt == "desired":
             lines = service_lines(self.desired)
         else:
             return text_response(json.dumps({"draining": [f"{sid} {addr}:{port}" for sid, addr, port in

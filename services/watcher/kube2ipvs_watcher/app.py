@@ -12,6 +12,7 @@ Cancellation (SIGTERM) stops the loop between publishes; the leadership is relea
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import json
 import logging
@@ -41,6 +42,7 @@ from kube2ipvs.render import FORMATS, RenderError, render_format
 from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
 from kube2ipvs_watcher.core import ConfigHeld, ConfigRejected, Notice, WatcherCore
 from kube2ipvs_watcher.source import ObjectEvent, Resync, SourceItem
+from kube2ipvs_watcher.ui import Rejection
 
 log = logging.getLogger("kube2ipvs.watcher")
 
@@ -118,6 +120,7 @@ class AppSettings:
     min_interval: float = 0.2  # seconds between publishes; bursts within it coalesce
     retry_max: float = 10.0
     stale_after: float = 120.0  # /healthz fails when a change waited longer than this unpublished
+    rejections_kept: int = 20  # recent config rejections and holds the status page lists
 
 
 class WatcherApp:
@@ -161,6 +164,7 @@ class WatcherApp:
         self._epoch = 0  # bumped on every NATS reconnect
         self.published_event = asyncio.Event()  # set after every successful publish (tests await it)
         self._background: set[asyncio.Task[None]] = set()  # Event posts in flight (the loop keeps weak refs)
+        self.rejections: collections.deque[Rejection] = collections.deque(maxlen=self.settings.rejections_kept)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -232,11 +236,13 @@ class WatcherApp:
         s = self.core.settings
         if isinstance(notice, ConfigRejected):
             self.metrics.config_rejections.inc()
+            self.rejections.appendleft(Rejection(time.time(), "rejected", notice.reason, notice.errors))
             log.warning("event=config-rejected reason=%s", notice.reason)
             if self._events is not None:
                 self._spawn(self._event(
                     self._events.config_rejected, s.configmap_namespace, s.configmap_name, notice.reason, notice.uid))
         elif isinstance(notice, ConfigHeld):
+            self.rejections.appendleft(Rejection(time.time(), "held", notice.reason))
             log.warning("event=config-held reason=%s", notice.reason)
             if self._events is not None:
                 self._spawn(self._event(

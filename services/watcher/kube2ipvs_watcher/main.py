@@ -1,8 +1,9 @@
 """`kube2ipvs watcher`: flags, wiring, and staged shutdown.
 
-Start-up: status server, NATS, then the source (Kubernetes or a directory) and, with the
-Kubernetes source, the leader election. Shutdown on SIGTERM: stop consuming and publishing, then
-release the Lease (a standby takes over at once), then close NATS and the status server.
+Start-up: status server (with the status page, `/ui`), NATS, then the source (Kubernetes or a
+directory) and, with the Kubernetes source, the leader election. The status board `/ui` reads
+connects in the background. Shutdown on SIGTERM: stop consuming and publishing, then release the
+Lease (a standby takes over at once), then close NATS and the status server.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kube2ipvs.lbconfig import DefaultService
-from kube2ipvs.natskv import KVPublisher
+from kube2ipvs.natskv import KVPublisher, StatusBoard
 from kube2ipvs.roleargs import (
     RoleParser,
     RoleUsageError,
@@ -32,6 +33,7 @@ from kube2ipvs.statusserver import StatusServer
 from kube2ipvs_watcher.app import AppSettings, EventSink, Leadership, Source, WatcherApp
 from kube2ipvs_watcher.core import WatcherCore, WatcherSettings
 from kube2ipvs_watcher.files import FileSource
+from kube2ipvs_watcher.uiroute import StatusPageRoute
 
 log = logging.getLogger("kube2ipvs.watcher")
 
@@ -118,8 +120,12 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                   "leader_elect": leadership is not None, "identity": args.identity},
     )
     host, port = args.listen
-    server = StatusServer(host=host, port=port, health=app.health, config=app.config, registry=app.registry)
+    board = StatusBoard(nats)  # read by /ui: every director's (and any role's) published status
+    server = StatusServer(host=host, port=port, health=app.health, config=app.config, registry=app.registry,
+                          pages={"/ui": StatusPageRoute(app, board, identity=args.identity)})
     await server.start()
+    board_start = asyncio.create_task(board.start(), name="status-board")  # connects in the background
+    board_start.add_done_callback(_board_failed)
     log.info("event=started role=watcher listen=%s:%d source=%s", host, server.port, args.source)
     try:
         if not await _until_stopped(publisher.start(), stop):
@@ -136,11 +142,20 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
             for task in tasks[1:]:  # the Lease goes last: a standby takes over once we are quiet
                 task.cancel()
     finally:
+        board_start.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await board_start
+        await board.close()
         await publisher.close()
         await server.stop()
         if client is not None:
             await client.close()
     return 0
+
+
+def _board_failed(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:  # /ui then says the board is unavailable
+        log.warning("event=status-board-failed error=%r", exc)
 
 
 async def _until_stopped(coro: Any, stop: asyncio.Event) -> bool:
