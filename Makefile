@@ -30,7 +30,7 @@ help:
 	@echo "make test      install, lint, then every test lane (pure+fakes, root, vm)"
 	@echo "make test-vm   the real-IPVS lane alone (qemu VM, pytest -m vm; root)"
 	@echo "make lab       the whole system on this host, in network namespaces (root; lab/README.md)"
-	@echo "make bench     render benchmark at cluster scale (BENCH_ARGS='--scale 0.1' for a quick run)"
+	@echo "make bench     every benchmark, then docs/performance.md and bench/results.json (BENCH_ARGS=--scale 0.1: quick)"
 	@echo "make clean     remove .venv and caches"
 
 install: system-packages $(STAMP) $(GOBGP_STAMP)
@@ -146,6 +146,7 @@ bench: install
 	$(VPY) bench/bench_lab.py
 	$(VPY) bench/bench_bgp.py $(BENCH_ARGS)
 	bench/run_director_bench.sh $(BENCH_ARGS)
+	$(VPY) bench/report.py
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,290 @@
+"""`make bench`'s last step: every benchmark's JSON in bench/results/ as one report.
+
+Writes `docs/performance.md` (tables, with the machine they ran on) and `bench/results.json`
+(the machine description and every benchmark's results as they wrote them). A benchmark that did
+not run (no JSON) is listed as such; nothing is invented. Comparisons with the original's
+methods are the ratios each benchmark measured in its own run.
+
+    .venv/bin/python bench/report.py [--results bench/results] [--markdown docs/performance.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+REPO: Final = Path(__file__).resolve().parents[1]
+Doc = dict[str, Any]
+
+
+def get(doc: Any, path: str, default: Any = None) -> Any:
+    """`doc["a"]["b"]` for path "a.b"; `default` when any part is missing."""
+    for part in path.split("."):
+        if not isinstance(doc, dict) or part not in doc:
+            return default
+        doc = doc[part]
+    return doc
+
+
+def num(value: Any, digits: int = 1) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def timing(doc: Any) -> str:
+    """`median ms (min-max, p99 ..., n runs)` of a {median_ms, p99_ms, min_ms, max_ms, runs} dict."""
+    if not isinstance(doc, dict) or "median_ms" not in doc:
+        return "-"
+    runs = doc.get("runs")
+    spread = f"{num(doc.get('min_ms'), 2)}-{num(doc.get('max_ms'), 2)}"
+    return (f"{num(doc['median_ms'], 2)} ms (min-max {spread}, p99 {num(doc.get('p99_ms'), 2)}"
+            + (f", {runs} runs" if runs else "") + ")")
+
+
+def table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return [*out, ""]
+
+
+def _command(*cmd: str) -> str:
+    if shutil.which(cmd[0]) is None:
+        return "not installed"
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=10)
+    return (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr).strip() else "?"
+
+
+def machine() -> Doc:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = "?"
+    try:
+        kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal")).split()[1])
+        memory = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    distro = "?"
+    with contextlib.suppress(OSError, StopIteration):
+        distro = next(line.split("=", 1)[1].strip('"') for line in Path("/etc/os-release").read_text().splitlines()
+                      if line.startswith("PRETTY_NAME="))
+    return {
+        "cpu": cpu, "cpus": os.cpu_count(), "memory": memory, "os": distro, "kernel": platform.release(),
+        "python": platform.python_version(), "nft": _command("nft", "--version"),
+        "gobgpd": _command("gobgpd", "--version"), "nats-server": _command("nats-server", "--version"),
+        "ipvs_on_host": Path("/proc/net/ip_vs").exists(), "generated_at": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                        time.gmtime()),
+    }
+
+
+# -- one section per benchmark ---------------------------------------------------------------------
+
+def render_section(d: Doc) -> list[str]:
+    sizes = d.get("sizes", {})
+    lines = [f"{num(sizes.get('vip_ports'))} VIP:ports, {num(sizes.get('endpoints'))} endpoints, "
+             f"{num(sizes.get('nodes'))} nodes. Best of {get(d, 'environment.repeat')} runs per step.", ""]
+    rows = [(s["name"], num(s.get("best_seconds"), 3), num(round((s.get("peak_bytes") or 0) / 2**20, 1)))
+            for s in d.get("steps", []) if isinstance(s, dict)]
+    lines += table(("step", "best s", "peak MiB"), rows)
+    head = d.get("headline", {})
+    lines.append(f"Files to cluster state (the headline): {num(head.get('seconds'), 2)} s "
+                 f"({num(head.get('seconds_gc_off'), 2)} s with the GC off), target {head.get('target_seconds')} s.")
+    return [*lines, ""]
+
+
+def watcher_section(d: Doc) -> list[str]:
+    return table(("what", "figure"), [
+        ("cluster", f"{num(d.get('nodes'))} nodes, {num(d.get('services'))} VIP:ports, "
+                    f"{num(d.get('endpoints'))} endpoints"),
+        ("initial list → first complete publish", f"{num(d.get('initial_list_to_first_publish_s'), 2)} s "
+                                                  f"({num((d.get('first_publish_bytes') or 0) / 2**20, 1)} MiB)"),
+        ("one EndpointSlice change → published", f"p50 {num((d.get('change_to_publish_p50_s') or 0) * 1000, 1)} ms, "
+                                                 f"p99 {num((d.get('change_to_publish_p99_s') or 0) * 1000, 1)} ms "
+                                                 f"({d.get('changes')} changes)"),
+        ("bytes written per change", f"median {num(d.get('change_bytes_median'), 0)}"),
+        ("watcher max RSS", f"{num((d.get('max_rss_bytes') or 0) / 2**20, 0)} MiB"),
+    ])
+
+
+def realserver_section(d: Doc) -> list[str]:
+    steps = [("render the node's nft table", "render_nft"), ("full load, nft -f", "full_apply_nft_f"),
+             ("full load, libnftables", "full_apply_libnftables"),
+             ("one endpoint: element delta through libnftables", "incremental_libnftables"),
+             ("one endpoint: element delta through nft -f", "incremental_nft_f"),
+             ("one endpoint: the whole realserver reconcile", "realserver_reconcile"),
+             ("counters read over netlink", "counters_netlink"),
+             ("original: iptables-restore of the nat table (nft backend)", "full_rewrite_iptables_nft"),
+             ("original: iptables-restore (legacy)", "full_rewrite_iptables_legacy")]
+    lines = [f"{num(d.get('vip_ports'))} VIP:ports, {num(d.get('endpoints'))} endpoints on one node.", ""]
+    lines += table(("step", "time"), [(label, timing(d.get(key))) for label, key in steps])
+    ratios = d.get("ratios", {})
+    if ratios:
+        lines += ["Ratios measured in the same run:", ""]
+        lines += table(("original / ours", "x"), [(k, num(v, 1)) for k, v in ratios.items()])
+    return lines
+
+
+def director_section(d: Doc) -> list[str]:
+    lines = [f"In the qemu VM (real IPVS, TCG emulation: {d.get('note', '')}). "
+             f"{num(d.get('services'))} virtual services, {num(d.get('destinations'))} real servers.", ""]
+    rows = [
+        ("full load: plan + apply (netlink, batched)", timing(get(d, "full_director.observe_plan_apply"))),
+        ("original: ipvsadm -R of the same rules", timing(get(d, "full_ipvsadm.restore"))),
+        ("one weight change: plan", timing(get(d, "change_weight_director.plan"))),
+        ("one weight change: apply", timing(get(d, "change_weight_director.apply"))),
+        ("one weight change: plan + apply + observed_after",
+         timing(get(d, "change_weight_director.plan_apply_observed_after"))),
+        ("original: one ipvsadm -e exec", timing(d.get("change_weight_ipvsadm_e"))),
+        ("original: the whole table again (ipvsadm -R)", timing(get(d, "change_whole_table_ipvsadm_R.restore"))),
+        ("a full dump of IPVS (resyncs only)", timing(d.get("observe_full_dump"))),
+    ]
+    lines += table(("step", "time"), rows)
+    ratios = d.get("ratios", {})
+    if ratios:
+        lines += table(("ratio", "x"), [(k, num(v, 2)) for k, v in ratios.items()])
+    return lines
+
+
+def dsr_section(d: Doc) -> list[str]:
+    return table(("step", "figure"), [
+        ("VIP:ports (each its own node set of 10)", num(d.get("services"))),
+        ("first load", f"{num(d.get('full_load_s'), 2)} s, {num(d.get('full_load_elements'))} elements, "
+                       f"peak RSS +{num(d.get('full_load_peak_rss_growth_mb'))} MB"),
+        ("one weight change (element delta)", f"median {num(get(d, 'change_ms.median'), 2)} ms, "
+                                              f"p99 {num(get(d, 'change_ms.p99'), 2)} ms"),
+        ("read back (observe)", f"{num(d.get('observe_s'), 2)} s"),
+        ("a restarted director adopts its table", f"{num(d.get('restart_adopt_s'), 2)} s"),
+    ])
+
+
+def maglev_section(d: Doc) -> list[str]:
+    runs = d.get("runs", [])
+    ns = sorted({int(n) for r in runs for n in r.get("moved_times_n", {})})
+    header = ("slots", "build of 10,000 tables s", *(f"moved xN, N={n} (median/max)" for n in ns))
+    rows = [(r.get("size"), num(r.get("build_s"), 2),
+             *(f"{get(r, f'moved_times_n.{n}.median')}/{get(r, f'moved_times_n.{n}.max')}" for n in ns))
+            for r in runs]
+    return ["Flows moved by one backend change, times N (1.0 is ideal; the target is at most 1.2).", "",
+            *table(header, rows)]
+
+
+def bgp_section(d: Doc) -> list[str]:
+    return table(("what", "figure"), [
+        (f"VIP in state → in FRR's RIB ({d.get('latency_vips')} VIPs)",
+         f"p50 {get(d, 'latency_ms.p50')} ms, p99 {get(d, 'latency_ms.p99')} ms"),
+        (f"{num(d.get('vips'))} VIPs → all in gobgpd / in FRR",
+         f"{get(d, 'bulk_s.to_gobgpd')} s / {get(d, 'bulk_s.to_frr')} s"),
+        ("gobgpd restart → re-pushed / all in FRR", f"{get(d, 'restart_s.repushed_in_gobgpd')} s / "
+                                                    f"{get(d, 'restart_s.in_frr')} s"),
+        ("original: one `gobgp global rib add` exec per route", f"{get(d, 'original.execs_s')} s "
+                                                               f"({get(d, 'original.per_route_ms')} ms each)"),
+    ])
+
+
+def garp_section(d: Doc) -> list[str]:
+    return table(("what", "figure"), [
+        (f"a gratuitous ARP round of {num(d.get('vips'))} VIPs", f"median {get(d, 'round_ms.median')} ms, "
+                                                                 f"p99 {get(d, 'round_ms.p99')} ms"),
+        ("original: one arping exec per VIP", f"{get(d, 'arping_exec_per_vip_ms')} ms each: "
+                                              f"{get(d, 'arping_cycle_for_all_vips_s')} s a cycle"),
+    ])
+
+
+def lab_section(d: Doc) -> list[str]:
+    def f(key: str) -> str:
+        x = d.get(key)
+        return f"p50 {x['p50_ms']} ms, p99 {x['p99_ms']} ms, max {x['max_ms']} ms ({x['count']})" if x else "-"
+    return ["In the lab (`kube2ipvs lab`), from the write of `endpointslices.yaml`. The original design "
+            "took 0.5 s debounce + 2 s poll + 1 s delay, 3.5 s at least.", "",
+            *table(("edit", "until"), [
+                ("endpoint added → first request served by it", f("added_pod_first_served")),
+                ("  the lab starts the pod and lists it", f("added_pod_started_and_listed")),
+                ("  listed → served (the load balancer)", f("added_pod_listed_to_first_served")),
+                ("endpoint removed → requests avoid it", f("removed_pod_avoided")),
+            ])]
+
+
+def resources_section(d: Doc) -> list[str]:
+    services = d.get("services") or d.get("roles") or {}
+    if not isinstance(services, dict) or not services:
+        return ["(no per-service figures in the results)", ""]
+    rows = []
+    for name, r in sorted(services.items()):
+        if isinstance(r, dict):
+            rows.append((name, num(r.get("rss_mb"), 0), num(r.get("peak_rss_mb"), 0),
+                         num(r.get("idle_cpu_percent"), 2), num(r.get("load_cpu_percent"), 1)))
+    return table(("service", "RSS MB", "peak RSS MB", "idle CPU %", "CPU % under load"), rows)
+
+
+SECTIONS: Final[tuple[tuple[str, str, Callable[[Doc], list[str]]], ...]] = (
+    ("bench_render", "Parsing, normalizing and rendering at cluster scale (`bench_render.py`)", render_section),
+    ("bench_watcher", "The watcher with a real nats-server (`bench_watcher.py`)", watcher_section),
+    ("bench_realserver", "Realserver: nftables full loads and one-endpoint deltas (`bench_realserver.py`, root)",
+     realserver_section),
+    ("bench_director", "Director: IPVS over netlink (`run_director_bench.sh`, VM)", director_section),
+    ("bench_dsr", "Director: the nftables dataplane (`bench_dsr.py`, root)", dsr_section),
+    ("bench_maglev", "Maglev tables (`bench_maglev.py`)", maglev_section),
+    ("bench_bgp", "BGP speaker with gobgpd and FRR (`bench_bgp.py`, root)", bgp_section),
+    ("bench_garp", "Gratuitous ARP (`bench_garp.py`, root)", garp_section),
+    ("bench_lab", "End to end in the lab (`bench_lab.py`, root)", lab_section),
+    ("bench_resources", "Memory and CPU of each service (`bench_resources.py`, root)", resources_section),
+)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--markdown", type=Path, default=REPO / "docs" / "performance.md")
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
+    args = ap.parse_args()
+    host = machine()
+    collected: Doc = {}
+    lines = ["# Performance", "",
+             "Written by `make bench` (`bench/report.py`) from the JSON each benchmark wrote to `bench/results/`.",
+             "Figures are medians unless said otherwise; comparisons with the original's methods are ratios "
+             "measured in the same run. Absolute times depend on this machine:", "",
+             *table(("", ""), [(k, v) for k, v in host.items()])]
+    missing = []
+    for name, title, section in SECTIONS:
+        path = args.results / f"{name}.json"
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            missing.append(name)
+            continue
+        collected[name] = doc
+        lines += [f"## {title}", "", *section(doc)]
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(path.stat().st_mtime))
+        lines += [f"_Results of {when} UTC._", ""]
+    if missing:
+        lines += ["## Not run", "", "No results for: " + ", ".join(f"`{m}`" for m in missing) + ".", ""]
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text("\n".join(lines))
+    args.json.write_text(json.dumps({"machine": host, "benchmarks": collected}, indent=2) + "\n")
+    print(f"wrote {args.markdown} and {args.json} ({len(collected)} benchmarks, {len(missing)} without results)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
