@@ -95,6 +95,8 @@ def add_collect_command(sub: Any) -> None:
     p.add_argument("--concurrency", type=_count, default=16, metavar="N",
                    help="instances asked at once (default 16)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format (default table)")
+    p.add_argument("--token", metavar="TOKEN", help="bearer token of the services' /config (--config-token); "
+                                                    "default $KUBE2IPVS_CONFIG_TOKEN")
     p.set_defaults(handler=cmd_collect)
 
 
@@ -118,7 +120,8 @@ async def collect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
               file=err)
         return 1
     fetched = await fetch_all(targets, timeout=args.timeout, concurrency=args.concurrency,
-                              progress=err if err.isatty() else None)
+                              progress=err if err.isatty() else None,
+                              token=args.token or os.environ.get("KUBE2IPVS_CONFIG_TOKEN") or None)
     report = build_report(fetched)
     out.write(render_json(report) if args.format == "json" else render_table(report))
     return report.exit_code()
@@ -128,7 +131,7 @@ async def collect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 async def fetch_all(targets: Sequence[Target], *, timeout: float, concurrency: int,
-                    progress: TextIO | None = None) -> list[Fetched]:
+                    progress: TextIO | None = None, token: str | None = None) -> list[Fetched]:
     import aiohttp
 
     gate = asyncio.Semaphore(concurrency)
@@ -139,7 +142,9 @@ async def fetch_all(targets: Sequence[Target], *, timeout: float, concurrency: i
 
     results: list[Fetched] = []
     connector = aiohttp.TCPConnector(limit=concurrency * 4, force_close=True)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+    headers = {"Authorization": f"Bearer {token}"} if token else None  # the services' --config-token
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+                                     headers=headers) as session:
         tasks = [asyncio.ensure_future(one(session, t)) for t in targets]
         for done in asyncio.as_completed(tasks):
             results.append(await done)

@@ -52,6 +52,7 @@ class Options:
     rst_rate: float = doctor.RST_RATE
     fin_wait_share: float = doctor.FIN_WAIT_SHARE
     timeout: float = 3.0
+    token: str | None = field(default=None, repr=False)  # the services' --config-token, if they require one
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
 
@@ -61,9 +62,14 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def http_get(url: str, timeout: float) -> Http | Unread:
+def http_get(url: str, timeout: float, token: str | None = None) -> Http | Unread:
+    """GET `url`; with `token`, as `Authorization: Bearer` (a service's --config-token)."""
+    if not url.startswith("http://"):
+        return Unread(f"not an http URL: {url}")
+    request = urllib.request.Request(  # noqa: S310  (http:// only, checked above)
+        url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with _OPENER.open(url, timeout=timeout) as answer:
+        with _OPENER.open(request, timeout=timeout) as answer:
             return Http(answer.status, answer.read(4 << 20).decode(errors="replace"))
     except urllib.error.HTTPError as exc:
         return Http(exc.code, exc.read(1 << 20).decode(errors="replace"))
@@ -255,6 +261,7 @@ class _Service:
     base: str
     health: Http | Unread
     config: dict[str, Any]
+    token: str | None = None
 
     @property
     def doc(self) -> dict[str, Any]:
@@ -266,25 +273,25 @@ class _Service:
         return settings if isinstance(settings, dict) else {}
 
     def get(self, query: str, timeout: float) -> Http | Unread:
-        return http_get(f"{self.base}/config?{query}", timeout)
+        return http_get(f"{self.base}/config?{query}", timeout, *([self.token] if self.token else []))
 
 
-def _service(role: str, host: str, port: int | None, timeout: float) -> _Service:
+def _service(role: str, host: str, port: int | None, timeout: float, token: str | None = None) -> _Service:
     base = f"http://{_url_host(host)}:{port or DEFAULT_PORTS[role]}"
     health = http_get(f"{base}/healthz", timeout)
     config: dict[str, Any] = {}
     if isinstance(health, Http):
-        answer = http_get(f"{base}/config", timeout)
+        answer = http_get(f"{base}/config", timeout, *([token] if token else []))
         config = (answer.json() or {}) if isinstance(answer, Http) else {}
-    return _Service(role, base, health, config)
+    return _Service(role, base, health, config, token)
 
 
 def _detect(options: Options) -> _Service:
     if options.role != "auto":
-        return _service(options.role, options.host, options.port, options.timeout)
+        return _service(options.role, options.host, options.port, options.timeout, options.token)
     first: _Service | None = None
     for role in ("director", "realserver"):
-        found = _service(role, options.host, options.port, options.timeout)
+        found = _service(role, options.host, options.port, options.timeout, options.token)
         if isinstance(found.health, Http) and found.config.get("role", role) == role:
             return found
         first = first or found
@@ -386,7 +393,7 @@ def _is_address(text: str) -> bool:
 
 def _bgp(service: _Service, options: Options, vips: Sequence[str]) -> Result:
     host, port = options.speaker or (options.host, DEFAULT_PORTS["bgp-speaker"])
-    speaker = _service("bgp-speaker", host, port, options.timeout)
+    speaker = _service("bgp-speaker", host, port, options.timeout, options.token)
     api = str(speaker.settings.get("gobgpd") or DEFAULT_GOBGPD)
     api_host, _, api_port = api.rpartition(":")
     api_host = api_host.strip("[]")
@@ -487,7 +494,8 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     host, port = args.listen_address
     options = Options(role=args.role, host=host, port=port, speaker=args.speaker_address, nats=args.nats,
                       vips=tuple(args.vip_check), unicorns_port=args.unicorns_port, interface=args.interface,
-                      rst_interval=args.rst_interval, timeout=args.timeout)
+                      rst_interval=args.rst_interval, timeout=args.timeout,
+                      token=args.token or os.environ.get("KUBE2IPVS_CONFIG_TOKEN") or None)
     if os.geteuid() != 0:
         print("note: not root: the kernel's nft sets and IPVS tables cannot be read", file=err)
     results = run(options)
@@ -562,4 +570,6 @@ def add_parser(sub: Any) -> None:
                    help="time between the two reads of the RST counters (default 1)")
     p.add_argument("--timeout", type=_seconds, default=3.0, metavar="S", help="per request (default 3)")
     p.add_argument("--json", action="store_true", help="a JSON list of the results")
+    p.add_argument("--token", metavar="TOKEN", help="bearer token of the services' /config (--config-token); "
+                                                    "default $KUBE2IPVS_CONFIG_TOKEN")
     p.set_defaults(handler=cmd_doctor)

@@ -82,6 +82,9 @@ def share(text: str) -> float:
 def add_common(parser: argparse.ArgumentParser, role: str) -> None:
     add(parser, "--listen", type=listen_address, default=("0.0.0.0", DEFAULT_PORTS[role]),  # noqa: S104
         metavar="HOST:PORT", help=f"address of /healthz, /config, /metrics (default 0.0.0.0:{DEFAULT_PORTS[role]})")
+    add(parser, "--config-token", metavar="TOKEN",
+        help="require `Authorization: Bearer TOKEN` on /config (and /ui); /healthz and /metrics stay open "
+             "(prefer the environment variable)")
     add(parser, "--log-level", choices=("debug", "info", "warning", "error"), default="info", help="log level")
     add(parser, "--nats", action="append", metavar="URL", help="NATS server URL, repeatable (default nats://127.0.0.1:4222)")
     add(parser, "--nats-bucket", default=DEFAULT_BUCKET, help=f"JetStream KV bucket (default {DEFAULT_BUCKET})")

@@ -8,6 +8,7 @@ closes the listener and waits for in-flight requests (aiohttp's AppRunner cleanu
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,8 +57,12 @@ class StatusServer:
         config: ConfigHandler,
         registry: CollectorRegistry,
         pages: Mapping[str, ConfigHandler] | None = None,
+        config_token: str | None = None,
     ) -> None:
         self._host, self._port = host, port
+        # When set, /config and the extra pages (they show the same data) answer only requests with
+        # `Authorization: Bearer <token>`; /healthz and /metrics stay open for probes and Prometheus.
+        self._token = config_token.encode() if config_token else None
         self._health, self._config, self._registry = health, config, registry
         self._pages = dict(pages or {})  # extra read-only GET routes of a role (the watcher's /ui)
         self._runner: web.AppRunner | None = None
@@ -91,12 +96,22 @@ class StatusServer:
         return web.json_response(body, status=200 if h.ok else 503, dumps=lambda d: json.dumps(d, indent=2))
 
     async def _on_config(self, request: web.Request) -> web.Response:
-        return await self._answer(self._config, request)
+        return self._refused(request) or await self._answer(self._config, request)
 
     def _page(self, handler: ConfigHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def on_page(request: web.Request) -> web.Response:
-            return await self._answer(handler, request)
+            return self._refused(request) or await self._answer(handler, request)
         return on_page
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """401 unless the request carries the bearer token (when one is configured)."""
+        if self._token is None:
+            return None
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
+            return None
+        return web.Response(status=401, text="a bearer token is required (Authorization: Bearer ...)\n",
+                            headers={"WWW-Authenticate": 'Bearer realm="kube2ipvs"'})
 
     @staticmethod
     async def _answer(handler: ConfigHandler, request: web.Request) -> web.Response:

@@ -201,7 +201,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                                                     nats=nats.describe()))
         listen_host, port = args.listen
         server = StatusServer(host=listen_host, port=port, health=app.health, config=app.config,
-                              registry=app.registry)
+                              registry=app.registry, config_token=args.config_token)
         await server.start()
         log.info("event=started role=bgp-speaker listen=%s:%d gobgpd=%s", listen_host, server.port, args.gobgpd)
         try:

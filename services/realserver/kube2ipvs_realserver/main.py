@@ -82,7 +82,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                       "nats": nats.describe()},
         )
         host, port = args.listen
-        server = StatusServer(host=host, port=port, health=app.health, config=app.config, registry=app.registry)
+        server = StatusServer(host=host, port=port, health=app.health, config=app.config, registry=app.registry,
+                              config_token=args.config_token)
         await server.start()
         log.info("event=started role=realserver listen=%s:%d node=%s", host, server.port, args.node)
         try:

@@ -122,6 +122,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     host, port = args.listen
     board = StatusBoard(nats)  # read by /ui: every director's (and any role's) published status
     server = StatusServer(host=host, port=port, health=app.health, config=app.config, registry=app.registry,
+                          config_token=args.config_token,
                           pages={"/ui": StatusPageRoute(app, board, identity=args.identity)})
     await server.start()
     board_start = asyncio.create_task(board.start(), name="status-board")  # connects in the background
