@@ -151,14 +151,18 @@ def test_dotted_node_names_cannot_collide_in_keys() -> None:
     assert not node_service_key("a.b.c", "192.0.2.1", 80, "tcp").startswith(node_prefix("a.b"))
 
 
-def test_a_node_value_that_does_not_decode_is_dropped_not_applied() -> None:
+def test_a_node_value_that_does_not_decode_is_not_applied_and_the_last_good_one_stays() -> None:
     a = NodeSliceAssembler("node-a")
     key = node_service_key("node-a", "192.0.2.10", 80, "tcp")
     a.update(key, encode_state(realistic_state()).values[key])
-    assert len(a.slice().services) == 1
+    before = a.slice()
+    assert len(before.services) == 1
     a.update(key, b"garbage")
-    assert a.slice().services == ()
+    assert a.slice() == before  # a value it cannot read takes nothing out of the kernel
     assert key in a.problems
+    fresh = NodeSliceAssembler("node-a")
+    fresh.update(key, b"garbage")
+    assert fresh.slice().services == ()  # and a key that never decoded is never DNATed
 
 
 @settings(max_examples=60, deadline=None)
@@ -187,3 +191,36 @@ def test_the_incremental_encoder_always_matches_a_fresh_encoding(history: list[C
                     bucket[w.key] = w.value
             assert bucket == dict(fresh.values)
         previous = incremental
+
+
+def test_each_assembled_state_names_what_changed_since_the_previous_one() -> None:
+    state = realistic_state()
+    a = Assembler()
+    for w in plan_writes(None, encode_state(state)):
+        a.update(w.key, w.value)
+    first = a.complete()
+    assert first is not None
+    assert first.delta is not None
+    assert set(first.delta.changed) == {vs.key for vs in state.services}  # the first names them all
+    newer = one_more_endpoint(state)
+    for w in plan_writes(encode_state(state), encode_state(newer)):
+        a.update(w.key, w.value)
+    second = a.complete()
+    assert second == newer  # in state order, without a sort at assembly
+    assert second is not None
+    assert second.delta is not None
+    assert (second.delta.lineage, second.delta.seq) == (first.delta.lineage, first.delta.seq + 1)
+    changed = {vs.key for old, vs in zip(state.services, newer.services, strict=True) if old != vs}
+    assert set(second.delta.changed) == changed
+    assert all(item is not None and item[0] in newer.services for item in second.delta.changed.values())
+    # A service that goes is named with None; another assembler is another lineage.
+    gone = newer.services[0]
+    fewer = replace(newer, generation=newer.generation + 1, services=newer.services[1:])
+    for w in plan_writes(encode_state(newer), encode_state(fewer)):
+        a.update(w.key, w.value)
+    third = a.complete()
+    assert third == fewer
+    assert third is not None
+    assert third.delta is not None
+    assert third.delta.changed == {gone.key: None}
+    assert assemble(plan_writes(None, encode_state(fewer))).delta.lineage != third.delta.lineage  # type: ignore[union-attr]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import yaml
 
@@ -18,6 +19,11 @@ from kube2ipvs.lbconfig import Family
 from kube2ipvs.model import EndpointSlice, Node, Service, ServicePort, Skip, SliceEndpoint, SlicePort
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# What the API server accepts as an object name (DNS-1123 subdomain) and a namespace (label).
+# Names reach NATS keys and every rendering; one the API server would refuse (a file source
+# has no API server) is skipped rather than allowed to make a key no NATS server accepts.
+_NAME: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_NAMESPACE: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 
 T = TypeVar("T")
 
@@ -61,8 +67,12 @@ def _meta(obj: Mapping[str, Any]) -> tuple[str, str]:
     meta = obj.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
         raise ValueError("metadata.name is missing")
-    namespace = meta.get("namespace", "")
-    return (namespace if isinstance(namespace, str) else ""), meta["name"]
+    name, namespace = meta["name"], meta.get("namespace", "")
+    if len(name) > 253 or not _NAME.match(name):
+        raise ValueError(f"metadata.name {json.dumps(name[:64])} is not a valid Kubernetes name")
+    if isinstance(namespace, str) and namespace and (len(namespace) > 63 or not _NAMESPACE.match(namespace)):
+        raise ValueError(f"metadata.namespace {json.dumps(namespace[:64])} is not a valid Kubernetes namespace")
+    return (namespace if isinstance(namespace, str) else ""), name
 
 
 def _ident(obj: Mapping[str, Any], kind: str) -> str:
@@ -80,13 +90,22 @@ def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _canonical_ip(value: object) -> str | None:
-    if not isinstance(value, str):
+def _canonical_ip(value: object, family: Family | None = None) -> str | None:
+    """The canonical address, or None for anything else: not an address, an address of another
+    family than `family`, or one with a zone index (`fe80::1%eth0`: the text after % is
+    free-form and would reach nft text and netlink verbatim; the API server never accepts one).
+
+    An IPv4-mapped IPv6 address (`::ffff:10.0.0.5`) is the IPv4 address, as Kubernetes reads it
+    (Go's net.ParseIP): the API server accepts one in an IPv4 EndpointSlice."""
+    if not isinstance(value, str) or "%" in value:
         return None
     try:
-        return str(ipaddress.ip_address(value))
+        ip = ipaddress.ip_address(value)
     except ValueError:
         return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip) if family is None or ip.version == family else None
 
 
 def node_from_object(obj: Mapping[str, Any]) -> Node:
@@ -148,7 +167,9 @@ def endpointslice_from_object(obj: Mapping[str, Any]) -> EndpointSlice:
     endpoints: list[SliceEndpoint] = []
     for raw in _list(obj.get("endpoints")):
         e = _dict(raw)
-        addresses = [a for a in (_canonical_ip(x) for x in _list(e.get("addresses"))) if a is not None]
+        # An address of the other family (`::ffff:10.0.0.5` in an IPv4 slice) could be neither
+        # DNATed to nor weighed by the director: left out like one that is no address at all.
+        addresses = [a for a in (_canonical_ip(x, family) for x in _list(e.get("addresses"))) if a is not None]
         if not addresses:
             continue
         node_name = e.get("nodeName")

@@ -8,6 +8,7 @@ same inputs in any order compare (and hash) equal.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -149,6 +150,15 @@ class Skip:
     reason: str
 
 
+_LINEAGES = itertools.count(1)
+
+
+def new_lineage() -> int:
+    """A lineage number no other producer of states in this process has (a Normalizer, an
+    Assembler): a consumer follows a delta only from the state just before it in its lineage."""
+    return next(_LINEAGES)
+
+
 @dataclass(frozen=True, slots=True)
 class StateDelta:
     """How a state differs from the one its producer made just before it (lineage, seq - 1).
@@ -173,6 +183,8 @@ class ClusterState:
     # service_digest() of each service, when the builder already knows them (incremental builds)
     known_digests: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
     delta: StateDelta | None = field(default=None, compare=False, repr=False)
+    # content_hash, when the builder computed it already (a consumer checks it against the manifest)
+    known_hash: str | None = field(default=None, compare=False, repr=False)
 
     @cached_property
     def service_digests(self) -> tuple[str, ...]:
@@ -187,6 +199,8 @@ class ClusterState:
         Defined over the canonical wire bytes of each part (vips_value, service_value), so a consumer
         holding the published values can check it without re-encoding anything.
         """
+        if self.known_hash is not None:
+            return self.known_hash
         return content_hash(vips_value(self.vips), self.service_digests)
 
     def for_node(self, node: str) -> tuple[VirtualService, ...]:

@@ -9,7 +9,6 @@ skipped. Nothing here raises on odd input: what cannot be used is left out with 
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from kube2ipvs.model import (
     StateDelta,
     VirtualService,
     hostport,
+    new_lineage,
     service_digest,
 )
 
@@ -110,7 +110,6 @@ def normalize(
     return normalizer.state(generation=generation, skipped=skipped)
 
 
-_LINEAGES = itertools.count(1)
 ServiceRef = tuple[str, str]  # (namespace, name)
 ServiceKey = tuple[str, int, Protocol]  # (vip, port, protocol)
 
@@ -137,7 +136,7 @@ class Normalizer:
         self._dirty: set[ServiceRef] = set()
         self._all_dirty = True
         self._node_tuple: tuple[NodeStatus, ...] | None = None  # sorted statuses, until one changes
-        self._lineage = next(_LINEAGES)
+        self._lineage = new_lineage()
         self._seq = 0
         self._changed: dict[ServiceKey, tuple[VirtualService, str] | None] | None = None  # None: everything
         self.set_config(config)

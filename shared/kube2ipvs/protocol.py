@@ -23,21 +23,24 @@ one complete service, applied as it comes. A one-endpoint change rewrites one `v
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from kube2ipvs.lbconfig import Forwarding, Protocol
+from kube2ipvs.lbconfig import MTU_MAX, MTU_MIN, SCHEDULERS, THRESHOLD_MAX, Forwarding, Protocol, canonical_address
 from kube2ipvs.model import (
     Backend,
     ClusterState,
     NodeStatus,
     PodEndpoint,
+    StateDelta,
     VirtualService,
     compact_json,
     content_hash,
     digest,
+    new_lineage,
     node_status_to_dict,
     service_value,
     vips_value,
@@ -267,9 +270,30 @@ def _get(doc: Mapping[str, Any], key: str, kind: type) -> Any:
     return value
 
 
+def _address(doc: Mapping[str, Any], key: str) -> str:
+    """An IP address field. A zone index ("%eth0") is refused: the text after % is free-form and
+    would reach nft text and netlink verbatim."""
+    value: str = _get(doc, key, str)
+    if "%" in value or canonical_address(value) is None:
+        raise ProtocolError(f"field {key!r}: {value[:60]!r} is not an IP address")
+    return value
+
+
+def _int_in(doc: Mapping[str, Any], key: str, low: int, high: int, default: int | None = None) -> int:
+    if default is not None and doc.get(key) is None:
+        return default
+    value: int = _get(doc, key, int)
+    if not low <= value <= high:
+        raise ProtocolError(f"field {key!r}: {value if value.bit_length() < 64 else 'a huge number'} "
+                            f"is outside {low}-{high}")
+    return value
+
+
 def _load(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
+    except RecursionError:
+        raise ProtocolError(f"{what}: not JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"{what}: not JSON: {exc}") from None
 
@@ -284,32 +308,46 @@ def _load_object(data: bytes, what: str) -> dict[str, Any]:
 
 
 def decode_service(doc: Mapping[str, Any]) -> VirtualService:
+    """A `vs.`/`node.` value. Every field that reaches a kernel (addresses, ports, protocol,
+    scheduler, flags, thresholds, MTU) is checked against what the watcher can publish, so a
+    foreign or corrupt value is refused here instead of failing (or injecting text into) the
+    consumer's whole nft transaction or IPVS batch."""
     try:
         svc = _get(doc, "service", dict)
         ipvs = _get(doc, "ipvs", dict)
         protocol: Protocol = "udp" if doc.get("protocol") == "udp" else "tcp"
+        if doc.get("protocol") not in ("tcp", "udp"):
+            raise ProtocolError(f"field 'protocol': {doc.get('protocol')!r} is not tcp or udp")
+        if ipvs.get("forwarding", "g") not in ("g", "i"):
+            raise ProtocolError(f"field 'forwarding': {ipvs.get('forwarding')!r} is not g or i")
         forwarding: Forwarding = "i" if ipvs.get("forwarding") == "i" else "g"
-        vip = _get(doc, "vip", str)
+        vip = _address(doc, "vip")
         backends = tuple(
             Backend(
                 node=_get(b, "node", str),
-                address=_get(b, "address", str),
-                endpoints=tuple(PodEndpoint(_get(e, "address", str), _get(e, "port", int))
+                address=_address(b, "address"),
+                endpoints=tuple(PodEndpoint(_address(e, "address"), _int_in(e, "port", 1, 65535))
                                 for e in _get(b, "endpoints", list)),
             )
             for b in _get(doc, "backends", list)
         )
         scheduler = ipvs.get("scheduler")
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise ProtocolError(f"field 'scheduler': {str(scheduler)[:40]!r} is not an IPVS scheduler")
+        flags = tuple(_get(ipvs, "flags", list)) if ipvs.get("flags") is not None else ()
+        if any(isinstance(f, bool) or f not in (1, 2, 3) for f in flags):
+            raise ProtocolError("field 'flags': not a list of scheduler flag bits 1-3")
         mtu = doc.get("mtu")
         return VirtualService(
-            vip=vip, family=6 if ":" in vip else 4, port=_get(doc, "port", int), protocol=protocol,
+            vip=vip, family=6 if ":" in vip else 4, port=_int_in(doc, "port", 1, 65535), protocol=protocol,
             namespace=_get(svc, "namespace", str), service=_get(svc, "name", str),
             port_name=_get(svc, "portName", str),
-            scheduler=scheduler if isinstance(scheduler, str) else None,
+            scheduler=scheduler,
             forwarding=forwarding,
-            u_threshold=int(ipvs.get("uThreshold") or 0), l_threshold=int(ipvs.get("lThreshold") or 0),
-            flags=tuple(int(f) for f in ipvs.get("flags") or ()),
-            mtu=mtu if isinstance(mtu, int) and not isinstance(mtu, bool) else None,
+            u_threshold=_int_in(ipvs, "uThreshold", 0, THRESHOLD_MAX, default=0),
+            l_threshold=_int_in(ipvs, "lThreshold", 0, THRESHOLD_MAX, default=0),
+            flags=flags,
+            mtu=_int_in(doc, "mtu", MTU_MIN, MTU_MAX) if mtu is not None else None,
             backends=backends,
         )
     except (AttributeError, TypeError, ValueError) as exc:
@@ -332,6 +370,15 @@ def decode_meta(data: bytes) -> Manifest:
         services=_get(doc, "services", int),
         vips_digest=_get(doc, "vips", str), nodes_digest=_get(doc, "nodes", str),
     )
+
+
+def decode_vips(data: bytes) -> tuple[str, ...]:
+    """`state.vips`: a JSON list of IP addresses (without zone index: directors add them as addresses)."""
+    vips = _load(data, VIPS_KEY)
+    if not isinstance(vips, list) or not all(isinstance(v, str) and "%" not in v and canonical_address(v)
+                                             for v in vips):
+        raise ProtocolError(f"{VIPS_KEY}: not a JSON list of IP addresses")
+    return tuple(vips)
 
 
 def decode_nodes(data: bytes) -> tuple[NodeStatus, ...]:
@@ -375,7 +422,9 @@ class NodeSliceAssembler:
         try:
             self._services[key] = decode_node_service(value)
         except ProtocolError as exc:
-            self._services.pop(key, None)  # never DNAT by a value we could not read
+            # The key keeps its last good value, if it had one: a value this build cannot read (a
+            # newer protocol version, a foreign or corrupt write) must not take a working service
+            # out of the kernel. A key that never decoded is never DNATed.
             self.problems[key] = str(exc)
 
     def slice(self) -> NodeSlice:
@@ -400,6 +449,20 @@ class Assembler:
         self._nodes: tuple[str, tuple[NodeStatus, ...]] | None = None
         self._manifest: Manifest | None = None
         self.problems: dict[str, str] = {}
+        # The services in state order, kept as values come (bisect), so that assembling a state
+        # costs no sort; and what changed since the last assembled state, for its `delta`.
+        # Entries: (sort key, KV key, digest, service).
+        self._order: list[tuple[tuple[int, int, int, str], str, str, VirtualService]] = []
+        self._changed: dict[tuple[str, int, Protocol], tuple[VirtualService, str] | None] = {}
+        self._lineage = new_lineage()
+        self._seq = 0
+
+    def _drop(self, key: str) -> None:
+        old = self._services.pop(key, None)
+        if old is not None:
+            at = bisect.bisect_left(self._order, (old[1].sort_key(), key))  # keys are unique: digest never compared
+            del self._order[at]
+            self._changed[old[1].key] = None
 
     def update(self, key: str, value: bytes | None) -> None:
         self.problems.pop(key, None)
@@ -408,12 +471,18 @@ class Assembler:
                 self._manifest = decode_meta(value) if value is not None else None
             elif key == VIPS_KEY:
                 self._vips = value
+                if value is not None:
+                    decode_vips(value)  # a value that does not decode keeps the state incomplete
             elif key == NODES_KEY:
                 self._nodes = (digest(value), decode_nodes(value)) if value is not None else None
             elif key.startswith(SERVICE_PREFIX):
-                self._services.pop(key, None)
+                self._drop(key)
                 if value is not None:
-                    self._services[key] = (digest(value), decode_service(_load_object(value, key)))
+                    vs = decode_service(_load_object(value, key))
+                    value_digest = digest(value)
+                    self._services[key] = (value_digest, vs)
+                    bisect.insort(self._order, (vs.sort_key(), key, value_digest, vs))
+                    self._changed[vs.key] = (vs, value_digest)
         except ProtocolError as exc:
             self.problems[key] = str(exc)
 
@@ -436,18 +505,28 @@ class Assembler:
         return reasons
 
     def complete(self) -> ClusterState | None:
+        """The state the held values make, when they match the manifest; None otherwise.
+
+        Its `delta` names every service that changed since the previous state this assembler
+        made (the first one names them all), so a consumer that took that one can follow in
+        proportion to the change (kube2ipvs_director.app)."""
         m = self._manifest
         if m is None or self.missing() or self._vips is None or self._nodes is None:
             return None
-        ordered = sorted(self._services.values(), key=lambda item: item[1].sort_key())
-        digests = tuple(d for d, _vs in ordered)
+        order = self._order
+        digests = tuple([entry[2] for entry in order])
         if content_hash(self._vips, digests) != m.hash:
-            return None
-        vips = _load(self._vips, VIPS_KEY)
+            return None  # (equal: the state's content_hash is m.hash, computed just now)
+        vips = decode_vips(self._vips)  # decoded once already (`update`): no problem left means it does
+        self._seq += 1
+        delta = StateDelta(self._lineage, self._seq, self._changed)
+        self._changed = {}
         return ClusterState(
             generation=m.generation,
-            vips=tuple(str(v) for v in vips) if isinstance(vips, list) else (),
-            services=tuple(vs for _d, vs in ordered),
+            vips=tuple(vips),
+            services=tuple([entry[3] for entry in order]),
             nodes=self._nodes[1],
             known_digests=digests,
+            delta=delta,
+            known_hash=m.hash,
         )

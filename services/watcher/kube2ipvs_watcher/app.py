@@ -422,7 +422,7 @@ def _service_keys(published: Encoded) -> frozenset[tuple[str, int, L4Protocol]]:
         if key.startswith(SERVICE_PREFIX):
             try:
                 vs = decode_service(json.loads(value))
-            except ValueError:
+            except (ValueError, RecursionError):  # not ours to read (a foreign or corrupt value)
                 continue
             keys.add(vs.key)
     return frozenset(keys)
