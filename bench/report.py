@@ -226,15 +226,31 @@ def lab_section(d: Doc) -> list[str]:
 
 
 def resources_section(d: Doc) -> list[str]:
-    services = d.get("services") or d.get("roles") or {}
-    if not isinstance(services, dict) or not services:
-        return ["(no per-service figures in the results)", ""]
+    services = d.get("services") or {}
+    sizes = d.get("sizes", {})
+    lines = [f"{num(sizes.get('vip_ports'))} VIP:ports, {num(sizes.get('endpoints'))} endpoints; idle and under "
+             f"{num(get(d, 'settings.changes_per_second'), 0)} endpoint changes/s. Targets: RSS under "
+             f"{get(d, 'targets.rss_mib')} MiB, idle CPU under {get(d, 'targets.idle_cpu_percent')} % per service.",
+             ""]
     rows = []
-    for name, r in sorted(services.items()):
+    for name, r in services.items():
         if isinstance(r, dict):
-            rows.append((name, num(r.get("rss_mb"), 0), num(r.get("peak_rss_mb"), 0),
-                         num(r.get("idle_cpu_percent"), 2), num(r.get("load_cpu_percent"), 1)))
-    return table(("service", "RSS MB", "peak RSS MB", "idle CPU %", "CPU % under load"), rows)
+            rows.append((name, num(r.get("rss_mib_converged"), 1), num(r.get("hwm_mib"), 1),
+                         num(get(r, "idle.cpu_percent"), 2), num(get(r, "load.cpu_percent"), 1)))
+    return lines + table(("process", "RSS MiB", "peak MiB", "idle CPU %", "CPU % under load"), rows)
+
+
+def change_scaling_section(d: Doc) -> list[str]:
+    rows = []
+    for r in d.get("runs", []):
+        st = r.get("stages", {})
+        rows.append((num(r.get("vip_ports")),
+                     *(f"{get(st, f'{k}.median_ms')} / {get(st, f'{k}.p99_ms')}"
+                       for k in ("watcher", "subscriber", "director", "total"))))
+    return ["One endpoint change, in one process, stage by stage (median / p99 ms): the watcher's "
+            "Normalizer and Encoder, the consumer's Assembler, the director's reconcile on its strict "
+            "in-memory IPVS.", "",
+            *table(("VIP:ports", "watcher", "subscriber", "director", "total"), rows)]
 
 
 SECTIONS: Final[tuple[tuple[str, str, Callable[[Doc], list[str]]], ...]] = (
@@ -248,6 +264,8 @@ SECTIONS: Final[tuple[tuple[str, str, Callable[[Doc], list[str]]], ...]] = (
     ("bench_bgp", "BGP speaker with gobgpd and FRR (`bench_bgp.py`, root)", bgp_section),
     ("bench_garp", "Gratuitous ARP (`bench_garp.py`, root)", garp_section),
     ("bench_lab", "End to end in the lab (`bench_lab.py`, root)", lab_section),
+    ("bench_change_scaling", "One change at 1k, 10k and 30k VIP:ports (`bench_change_scaling.py`)",
+     change_scaling_section),
     ("bench_resources", "Memory and CPU of each service (`bench_resources.py`, root)", resources_section),
 )
 

@@ -82,10 +82,10 @@ def test_a_vip_is_announced_only_once_the_director_serves_it() -> None:
         "Announce 192.0.2.11/32 nexthop=self communities=64512:100,64512:200"]
 
 
-@pytest.mark.parametrize("director", [ready(["192.0.2.10"], healthy=False, reason="x"), None,
+@pytest.mark.parametrize("director", [ready(["192.0.2.10"], healthy=False, reason="x"),
                                       ready(["192.0.2.10"], at=NOW - 31)],
-                         ids=["unhealthy", "gone", "stale"])
-def test_everything_is_withdrawn_when_the_director_is_unhealthy_gone_or_stale(director: Any) -> None:
+                         ids=["unhealthy", "stale"])
+def test_everything_is_withdrawn_when_the_director_is_unhealthy_or_stale(director: Any) -> None:
     app = speaker()
     reconcile(app, cluster(1, ["192.0.2.10", "192.0.2.11"]), ready(["192.0.2.10", "192.0.2.11"]))
     assert reconcile(app, director=director) == ["Withdraw 192.0.2.10/32", "Withdraw 192.0.2.11/32"]
@@ -97,13 +97,35 @@ def test_everything_is_withdrawn_when_the_director_is_unhealthy_gone_or_stale(di
         "Announce 192.0.2.11/32 nexthop=self communities=64512:100,64512:200"]
 
 
+def test_a_readiness_that_disappears_is_no_news_until_the_last_one_goes_stale() -> None:
+    """A document expires (TTL) only once stale anyway, and a nats-server restart hands back an
+    empty board until the director publishes again: absence alone withdraws nothing."""
+    now = [NOW]
+    app = SpeakerApp(FakeGobgp(), settings=SpeakerSettings(routes=ROUTES, bgp=BGP, peers=(TOR,)),
+                     wall_clock=lambda: now[0])
+    reconcile(app, cluster(1, ["192.0.2.10", "192.0.2.11"]), ready(["192.0.2.10", "192.0.2.11"]))
+    assert reconcile(app, director=None) == []
+    assert len(rib(app)) == 2
+    now[0] += 31  # the last readiness is now older than --director-stale (30 s)
+    assert reconcile(app, director=None) == ["Withdraw 192.0.2.10/32", "Withdraw 192.0.2.11/32"]
+    assert "old" in app.health().detail["director"]
+
+
+def test_a_director_that_never_published_gets_nothing_announced() -> None:
+    app = speaker()
+    done = reconcile(app, cluster(1, ["192.0.2.10"]), None)
+    assert not [op for op in done if op.startswith("Announce")]
+    assert rib(app) == []
+    assert "no readiness" in app.health().detail["director"]
+
+
 def test_paths_we_do_not_own_stay_exactly_as_they_are() -> None:
     gobgp = FakeGobgp()
     app = speaker(gobgp)
     reconcile(app, cluster(1, ["192.0.2.10"]), ready(["192.0.2.10"]))
     gobgp.add_by_hand(Route("203.0.113.50/32"))
     gobgp.add_by_hand(Route("10.0.0.0/8"))
-    reconcile(app, director=None, resync=True)
+    reconcile(app, director=ready(["192.0.2.10"], healthy=False), resync=True)
     assert rib(app) == ["10.0.0.0/8 nexthop=self", "203.0.113.50/32 nexthop=self"]
 
 
@@ -317,10 +339,68 @@ def test_the_part_of_a_batch_gobgpd_took_before_a_refusal_counts_as_done() -> No
     app = speaker(gobgp)
     reconcile(app, cluster(1, ["192.0.2.10", "192.0.2.11"]), ready(["192.0.2.10", "192.0.2.11"]))
     gobgp.refuse["192.0.2.11/32"] = GobgpRejectedError("DeletePath", "refused")
-    done = reconcile(app, director=None)
+    done = reconcile(app, director=ready(["192.0.2.10", "192.0.2.11"], healthy=False))
     assert done == ["Withdraw 192.0.2.10/32"]
     assert app.apply_error == "DeletePath: refused"
     assert app.announced == frozenset({"192.0.2.11/32"})
     assert [line.split()[0] for line in rib(app)] == ["192.0.2.11/32"]
     del gobgp.refuse["192.0.2.11/32"]
     assert reconcile(app) == ["Withdraw 192.0.2.11/32"]
+
+
+class WatchedDirector(Director):
+    """A readiness source that can be watched, as the status board can: the speaker follows it
+    instead of polling `read()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates: asyncio.Queue[Mapping[str, Any] | None] = asyncio.Queue()
+        self.watches = 0
+
+    async def watch(self) -> AsyncIterator[Mapping[str, Any] | None]:
+        self.watches += 1
+        yield self.doc
+        while True:
+            doc = await self.updates.get()
+            if doc is END:
+                return  # the connection went: the speaker watches again
+            yield doc
+
+    def put(self, doc: Mapping[str, Any] | None) -> None:
+        self.doc = doc
+        self.updates.put_nowait(doc)
+
+
+END: Mapping[str, Any] = {"end": True}
+
+
+def test_a_watched_director_is_followed_without_polling_and_goes_stale_when_it_stops_publishing() -> None:
+    async def scenario() -> None:
+        now = [NOW]
+        gobgp, source, director = FakeGobgp(), Source(), WatchedDirector()
+        app = SpeakerApp(gobgp, source=source, director=director, wall_clock=lambda: now[0],
+                         settings=SpeakerSettings(routes=ROUTES, bgp=BGP, peers=(TOR,), resync_interval=5,
+                                                  readiness_interval=0.01, retry_min=0.01, retry_max=0.05,
+                                                  director_stale=30.0))
+        task = asyncio.create_task(app.run())
+        try:
+            director.put(ready(["192.0.2.10"]))
+            source.queue.put_nowait(cluster(1, ["192.0.2.10"]))
+            await until(app, lambda: len(gobgp.paths) == 1)
+            director.put(ready(["192.0.2.10"], healthy=False))
+            await until(app, lambda: not gobgp.paths)
+            director.put(ready(["192.0.2.10"]))
+            await until(app, lambda: len(gobgp.paths) == 1)
+            assert director.reads == 0  # followed, never polled
+            director.updates.put_nowait(END)  # the watch breaks: watched again, the verdict kept
+            await asyncio.sleep(0.1)
+            assert director.watches >= 2
+            assert len(gobgp.paths) == 1
+            now[0] += 31  # no readiness for longer than director_stale: withdrawn at the next look
+            await until(app, lambda: not gobgp.paths, timeout=5)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(scenario())

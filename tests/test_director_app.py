@@ -356,3 +356,41 @@ def test_changes_planned_incrementally_leave_nothing_a_full_plan_would_still_do(
                     or (isinstance(op, EditDest) and op.weight > 0)], left
         assert all(isinstance(op, DelDest | DelService) for op in left), left  # only drains may end later
     app.close()
+
+
+@given(st.lists(st.lists(st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.1.1", "10.0.1.2"]),
+                                   st.sampled_from(["a", "b"])), unique_by=lambda e: e[0], max_size=4),
+                min_size=1, max_size=8),
+       st.lists(st.sampled_from(["192.0.2.1", "192.0.2.2", "192.0.2.3"]), min_size=1, max_size=3, unique=True))
+@settings(max_examples=60, deadline=None)
+def test_following_the_subscribers_deltas_does_exactly_what_comparing_everything_does(
+    steps: list[list[tuple[str, str]]], vips: list[str]
+) -> None:
+    """States as a director gets them (published, then assembled: each names what changed since
+    the previous one) against the same states without their delta: the same ops, the same kernel."""
+    from kube2ipvs.protocol import Assembler, encode_state, plan_writes
+
+    assembler = Assembler()
+    fast_ipvs, slow_ipvs = CountingIpvs(), CountingIpvs()
+    fast, slow = director(fast_ipvs, drain_timeout=300), director(slow_ipvs, drain_timeout=300)
+    previous = None
+    for generation, endpoints in enumerate([TWO_NODES, *steps], start=1):
+        encoded = encode_state(cluster(generation, endpoints, vips=vips[: 1 + generation % len(vips)]))
+        for w in plan_writes(previous, encoded):
+            assembler.update(w.key, w.value)
+        previous = encoded
+        state = assembler.complete()
+        assert state is not None
+        assert state.delta is not None
+        reconcile(fast, state)
+        reconcile(slow, replace(state, delta=None))
+        assert fast_ipvs.batches == slow_ipvs.batches
+        assert fast.observed == fast_ipvs.observe()
+        assert fast.desired == slow.desired
+        assert fast.served_vips == slow.served_vips
+        owned = [s for s in fast_ipvs.observe().services if s.id.vip in fast.owned_vips]  # counted whole
+        assert fast.registry.get_sample_value("kube2ipvs_director_virtual_services") == len(owned)
+        assert fast.registry.get_sample_value("kube2ipvs_director_real_servers") == sum(len(s.dests) for s in owned)
+    assert fast_ipvs.observe() == slow_ipvs.observe()
+    fast.close()
+    slow.close()

@@ -602,6 +602,30 @@ def test_a_status_put_is_read_back_and_expires_when_not_refreshed(nats_server: N
     run(scenario())
 
 
+def test_a_status_watch_gives_the_document_now_then_each_new_one(nats_server: NatsServer) -> None:
+    async def scenario() -> None:
+        writer = StatusBoard(settings(nats_server), bucket="k2i-status-watch", ttl=30.0)
+        reader = StatusBoard(settings(nats_server), bucket="k2i-status-watch", ttl=30.0)
+        await writer.start()
+        await reader.start()
+        seen: list[dict[str, Any] | None] = []
+        try:
+            watch = reader.watch("director", "dir1")
+            seen.append(await within(anext(watch)))  # nothing there yet
+            await writer.put("director", "dir1", {"healthy": True, "generation": 1})
+            await writer.put("director", "dir2", {"healthy": True, "generation": 9})  # another key: not seen
+            await writer.put("director", "dir1", {"healthy": False, "generation": 2})
+            seen.append(await within(anext(watch)))
+            seen.append(await within(anext(watch)))
+            await watch.aclose()
+        finally:
+            await writer.close()
+            await reader.close()
+        assert seen == [None, {"healthy": True, "generation": 1}, {"healthy": False, "generation": 2}]
+
+    run(scenario())
+
+
 def test_status_keys_are_one_token_per_host() -> None:
     assert status_key("director", "node-1.example.com") == "director.node-1_example_com"
 

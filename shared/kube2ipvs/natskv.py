@@ -44,7 +44,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Self, TypeVar
 
@@ -904,6 +904,21 @@ class _ExpiringBucket:
     async def close(self) -> None:
         await self._link.close()
 
+    async def _kv_call(self, call: Callable[[Any], Awaitable[R]]) -> R:
+        """`call(kv)`. A memory-storage bucket does not survive a nats-server restart: when the
+        call finds it gone, it is created again (or bound, if another process was first) and the
+        call made once more, so readiness and leases come back with the server."""
+        if self._kv is None:
+            raise KVError(f"bucket {self._bucket} not started")
+        try:
+            return await call(self._kv)
+        except Exception as exc:
+            if not _bucket_gone(exc):
+                raise
+            log.warning("event=bucket_recreated bucket=%s reason=%r", self._bucket, str(exc))
+            self._kv = await self._bind_or_create()
+            return await call(self._kv)
+
     async def _bind_or_create(self) -> Any:
         js = self._link.jetstream()
         try:
@@ -918,6 +933,24 @@ class _ExpiringBucket:
             if exc.err_code != _ERR_STREAM_NAME_IN_USE:
                 raise
             return await js.key_value(self._bucket)
+
+
+def _bucket_gone(exc: BaseException) -> bool:
+    """The stream behind a bucket is not there (not: a key is not there)."""
+    if isinstance(exc, nats.js.errors.KeyNotFoundError | nats.js.errors.KeyDeletedError):
+        return False
+    return isinstance(exc, nats.js.errors.NoStreamResponseError | nats.js.errors.NotFoundError)
+
+
+def _document(value: bytes | None) -> dict[str, Any] | None:
+    """A status document: a JSON object, else None."""
+    if not value:
+        return None
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def status_key(role: str, host: str) -> str:
@@ -943,24 +976,33 @@ class StatusBoard(_ExpiringBucket):
 
     async def put(self, role: str, host: str, doc: Mapping[str, object]) -> None:
         """Publish once; raises when NATS is away (the caller publishes again next time)."""
-        if self._kv is None:
-            raise KVError("status board not started")
-        await self._kv.put(status_key(role, host), json.dumps(doc, sort_keys=True).encode())
+        value = json.dumps(doc, sort_keys=True).encode()
+        await self._kv_call(lambda kv: kv.put(status_key(role, host), value))
 
     async def get(self, role: str, host: str) -> dict[str, Any] | None:
-        if self._kv is None:
-            raise KVError("status board not started")
         try:
-            entry = await self._kv.get(status_key(role, host))
+            entry = await self._kv_call(lambda kv: kv.get(status_key(role, host)))
         except nats.js.errors.KeyNotFoundError:
             return None
-        if entry.value is None:
-            return None
+        return _document(entry.value)
+
+    async def watch(self, role: str, host: str) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """The document now (None when there is none), then each new one as it is put (None when
+        deleted or not a JSON object). Ends or raises when the connection goes: watch again."""
+        watcher = await self._kv_call(lambda kv: kv.watch(status_key(role, host)))
         try:
-            doc = json.loads(entry.value)
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
+            seen = False
+            async for entry in watcher:
+                if entry is None:  # what the bucket held when the watch began has been delivered
+                    if not seen:
+                        yield None
+                    seen = True
+                    continue
+                seen = True
+                yield _document(entry.value) if entry.operation is None else None
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
 
     async def documents(self) -> dict[str, dict[str, Any]]:
         """Every live document, by key (`director.dir1`), in one pass over the bucket (the
@@ -1009,17 +1051,16 @@ class Lease(_ExpiringBucket):
 
     async def hold(self) -> bool:
         """Acquire or renew; True when we hold the lease now. Raises when NATS is away."""
-        if self._kv is None:
-            raise KVError("lease not started")
         value = self.holder.encode()
         if self._revision is not None:
+            revision = self._revision
             try:
-                self._revision = await self._kv.update(self.name, value, last=self._revision)
+                self._revision = await self._kv_call(lambda kv: kv.update(self.name, value, last=revision))
                 return True
             except nats.js.errors.KeyWrongLastSequenceError:
                 self._revision = None  # expired and taken, or expired: try to take it again below
         try:
-            self._revision = await self._kv.create(self.name, value)
+            self._revision = await self._kv_call(lambda kv: kv.create(self.name, value))
         except nats.js.errors.KeyWrongLastSequenceError:
             return False  # someone else holds it
         return True
@@ -1033,10 +1074,8 @@ class Lease(_ExpiringBucket):
         self._revision = None
 
     async def current_holder(self) -> str | None:
-        if self._kv is None:
-            raise KVError("lease not started")
         try:
-            entry = await self._kv.get(self.name)
+            entry = await self._kv_call(lambda kv: kv.get(self.name))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         return entry.value.decode() if entry.value else None

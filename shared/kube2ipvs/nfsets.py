@@ -28,6 +28,8 @@ NETLINK_NETFILTER: Final = 12
 NFNL_SUBSYS_NFTABLES: Final = 10
 NFT_MSG_NEWCHAIN: Final = 3
 NFT_MSG_GETCHAIN: Final = 4
+NFT_MSG_NEWGEN: Final = 15
+NFT_MSG_GETGEN: Final = 16
 NFT_MSG_NEWSETELEM: Final = 12
 NFT_MSG_GETSETELEM: Final = 13
 NLM_F_REQUEST: Final = 0x1
@@ -40,6 +42,7 @@ FAMILIES: Final = {"ip": socket.AF_INET, "ip6": socket.AF_INET6, "inet": 1, "net
 # nf_tables.h attribute numbers
 _LIST_TABLE, _LIST_SET, _LIST_ELEMENTS = 1, 2, 3
 _CHAIN_TABLE, _CHAIN_NAME = 1, 3
+_GEN_ID = 1
 _LIST_ELEM = 1
 _ELEM_KEY, _ELEM_DATA, _ELEM_EXPR, _ELEM_EXPRESSIONS = 1, 2, 7, 11
 _DATA_VALUE, _DATA_VERDICT = 1, 2
@@ -205,6 +208,33 @@ class SetReader:
                         if code == errno.ENOENT:
                             return False
                         raise NetlinkError(code, f"{os.strerror(code)}: chain {family} {table} {chain}")
+                offset = (offset + length + 3) & ~3
+
+
+    def generation(self) -> int:
+        """The nf_tables generation of this network namespace: every committed transaction, by
+        anyone, changes it (NFT_MSG_GETGEN). Equal twice: nothing was committed in between."""
+        self._seq += 1
+        seq = self._seq
+        body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
+        self._sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body)
+        while True:
+            buf = self._sock.recv(1 << 16)
+            offset = 0
+            while offset + _HDR.size <= len(buf):
+                length, mtype, _, mseq, _ = _HDR.unpack_from(buf, offset)
+                if length < _HDR.size:
+                    raise NetlinkError(errno.EIO, "truncated netlink message")
+                if mseq == seq:
+                    if mtype & 0xFF == NFT_MSG_NEWGEN:
+                        found = _first(buf, offset + _HDR.size + 4, offset + length, _GEN_ID)
+                        if found is None:
+                            raise NetlinkError(errno.EIO, "no generation id in the reply")
+                        return int(struct.unpack_from(">I", buf, found[0])[0])
+                    if mtype == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", buf, offset + _HDR.size)[0]
+                        raise NetlinkError(code, f"{os.strerror(code)}: nf_tables generation")
                 offset = (offset + length + 3) & ~3
 
 

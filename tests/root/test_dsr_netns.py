@@ -37,7 +37,7 @@ from kube2ipvs.render.nft import render_nft
 from kube2ipvs_director.app import DirectorApp, DirectorSettings
 from kube2ipvs_director.dsr import DsrSettings
 from kube2ipvs_director.host import LinuxHost
-from kube2ipvs_director.nftdsr import NftDsr
+from kube2ipvs_director.nftdsr import FULL_READ_EVERY, NftDsr
 from kube2ipvs_director.plan import AddDest, AddService, ServiceId, Timeouts
 from tests.builders import config, endpointslice, node, service, web_entry
 from tests.natsfixture import nats_server_binary
@@ -339,6 +339,14 @@ def test_a_restarted_director_adopts_its_table_and_reloads_one_that_was_changed_
             await converge([app], state(1, list(NODES)))
             assert (dataplane.adoptions, dataplane.full_loads) == (1, 0)
             assert topology.udp_flows(43000, 100) == before
+            # Resyncs read nothing while nothing was committed (the nf_tables generation stands
+            # still), but one in FULL_READ_EVERY reads anyway.
+            reads = dataplane.reads
+            for _ in range(FULL_READ_EVERY - 1):
+                await app.reconcile_once()
+            assert dataplane.reads == reads
+            await app.reconcile_once()
+            assert dataplane.reads == reads + 1
             ns.exec("nft", "delete", "element", "netdev", "kube2ipvs_dsr", "dests4",
                     f"{{ {VIP} . udp . 80 . {NODES['n1']} }}")
             done = await app.reconcile_once()  # a resync reads the kernel back

@@ -268,6 +268,13 @@ def test_a_node_without_endpoints_drains_at_weight_0_and_goes_when_its_connectio
         finally:
             fresh.close()
         assert pending(kernel, left, previous=drain, now=2.0) == ()  # one active connection left
+        # One service's real servers read alone (the change path's drain check) say the same.
+        whole = {(d.port, d.weight, d.active) for s in kernel.observe().services if s.id == sid for d in s.dests}
+        alone = kernel.observe_dests(sid)
+        assert alone is not None
+        assert {(d.port, d.weight, d.active) for d in alone} == whole
+        assert next(d.active for d in alone if d.port == serving) == 1
+        assert kernel.observe_dests(ServiceId(vip.address, 4, 81, "tcp")) == ()  # no such service: none
     finally:
         conn.close()
     # Closing moves the connection out of ESTABLISHED: the real server has no active one left.

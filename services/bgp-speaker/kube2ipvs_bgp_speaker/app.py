@@ -111,9 +111,13 @@ class StateSource(Protocol):
 
 class DirectorReadiness(Protocol):
     """The local director's readiness document (natskv.StatusBoard), None when there is none.
-    Raises when it cannot be read (NATS away)."""
+    Raises when it cannot be read (NATS away). A source that can also `watch()` (the document
+    now, then each new one as the director puts it) is followed instead of polled."""
 
     async def read(self) -> Mapping[str, Any] | None: ...
+
+
+STALE_CHECK_SECONDS: Final = 1.0  # a followed readiness is judged again this often (it can go stale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,9 +203,18 @@ class SpeakerApp:
         self.state = state
         self._kick.set()
 
-    def judge_director(self, doc: Mapping[str, Any] | None) -> None:
+    def judge_director(self, doc: Mapping[str, Any] | None, *, fresh: bool = True) -> None:
+        """Decide from the director's readiness `doc`; `fresh`: just read (else the last one,
+        judged again as time passes).
+
+        No document after one was seen is no news, not a stop: a readiness expires (TTL) only
+        after it went stale anyway, and a nats-server restart hands back an empty board until the
+        director publishes again. The last document stands and goes stale by its own time."""
+        if doc is None and self.director_doc is not None:
+            doc = self.director_doc
         self.director_doc = doc
-        self.readiness_error = None
+        if fresh:
+            self.readiness_error = None
         verdict = director_verdict(doc, now=self._wall(), stale_after=self.settings.director_stale)
         before = self.verdict
         self.verdict = verdict
@@ -251,6 +264,10 @@ class SpeakerApp:
 
     async def _poll_director(self) -> None:
         assert self._director is not None
+        watch = getattr(self._director, "watch", None)
+        if watch is not None:
+            await self._follow_director(watch)
+            return
         while True:
             try:
                 doc = await self._director.read()
@@ -261,6 +278,34 @@ class SpeakerApp:
             else:
                 self.judge_director(doc)
             await asyncio.sleep(self.settings.readiness_interval)
+
+    async def _follow_director(self, watch: Callable[[], AsyncIterator[Mapping[str, Any] | None]]) -> None:
+        """Each readiness as the director puts it (no polling: an announcement follows within
+        the watch's latency), the last one judged again every STALE_CHECK_SECONDS (a director
+        that stopped publishing goes stale); after a broken watch, watch again."""
+        async def rejudge() -> None:
+            while True:
+                await asyncio.sleep(STALE_CHECK_SECONDS)
+                if self.verdict is not None:
+                    self.judge_director(self.director_doc, fresh=False)
+
+        stale = asyncio.create_task(rejudge(), name="director-stale")
+        try:
+            while True:
+                try:
+                    async for doc in watch():
+                        self.judge_director(doc)
+                    why = "ConnectionError: the readiness watch ended"
+                except Exception as exc:  # NATS away: the last verdict stays in force
+                    why = f"{type(exc).__name__}: {exc}"
+                if self.readiness_error is None:
+                    log.warning("event=readiness_unread error=%s", why)
+                self.readiness_error = why
+                await asyncio.sleep(self.settings.readiness_interval)
+        finally:
+            stale.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stale
 
     async def _watch_peers(self) -> None:
         backoff = Backoff(initial=self.settings.retry_min, maximum=self.settings.retry_max)

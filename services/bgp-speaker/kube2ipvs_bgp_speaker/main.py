@@ -16,7 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from kube2ipvs.bgp import parse_community
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--resync-interval", type=positive_float, default=10.0, metavar="S",
         help="re-read gobgpd's paths and peers and repair drift this often (default 10)")
     add(p, "--readiness-interval", type=positive_float, default=0.1, metavar="S",
-        help="read the local director's readiness this often (default 0.1)")
+        help="wait this long before watching the director's readiness again after the watch broke "
+             "(and the poll interval of a source without a watch; default 0.1)")
     add(p, "--director-stale", type=positive_float, default=30.0, metavar="S",
         help="a director readiness older than this counts as a stopped director (default 30)")
     add(p, "--graceful-shutdown", action="store_true",
@@ -176,6 +177,9 @@ class BoardDirector:
 
     async def read(self) -> Mapping[str, Any] | None:
         return await self._board.get("director", self._host)
+
+    def watch(self) -> AsyncIterator[dict[str, Any] | None]:
+        return self._board.watch("director", self._host)
 
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:

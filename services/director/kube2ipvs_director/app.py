@@ -30,13 +30,14 @@ removed from the ConfigMap is drained and deleted rather than forgotten in the k
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -50,11 +51,14 @@ from kube2ipvs.render.ipvsadm import service_lines
 from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
 from kube2ipvs.workers import KernelThread
 from kube2ipvs_director.garp import GarpSchedule
-from kube2ipvs_director.kernel import ApplyError, Ipvs, ServiceStats
+from kube2ipvs_director.kernel import ApplyError, Ipvs, KernelError, ServiceStats
 from kube2ipvs_director.plan import (
+    DelService,
     DestId,
     Observed,
+    ObservedService,
     Op,
+    Plan,
     ServiceId,
     Timeouts,
     canonical_ip,
@@ -63,6 +67,7 @@ from kube2ipvs_director.plan import (
     observed_as_desired,
     plan,
     service_id,
+    service_order,
 )
 from kube2ipvs_director.stats import ConntrackUsage
 
@@ -302,15 +307,8 @@ class DirectorApp:
         self._describe = dict(describe or {})
         self._clock = clock
         self.state: ClusterState | None = None
-        self.desired: tuple[IpvsService, ...] = ()
         self._desired_for: ClusterState | None = None
-        # The desired service of each cluster service, by id() (objects held, so ids stay theirs),
-        # and the desired services as last planned: what a change is compared with.
-        self._memo: dict[int, tuple[VirtualService, IpvsService, ServiceId]] = {}
-        self._want: dict[ServiceId, IpvsService] = {}
-        self._ours: frozenset[str] | None = None  # our VIP addresses as of the last reconcile
-        self._foreign: frozenset[str] | None = None
-        self.observed: Observed | None = None  # IPVS after the last successful reconcile
+        self._init_holdings()
         self.applied: _Applied | None = None
         self.draining: Mapping[DestId, float] = {}
         self.wake_at: float | None = None
@@ -325,6 +323,71 @@ class DirectorApp:
         self._needs_dump = True
         self._kick = asyncio.Event()
         self.reconciled = asyncio.Event()
+
+    # -- what the director holds -----------------------------------------------------------
+
+    def _init_holdings(self) -> None:
+        # The desired service of each cluster service (by its VIP, port, protocol), the state
+        # (lineage, seq) it reflects, and the services the last change touched (None: unknown).
+        # A state whose delta follows that one costs the work of what changed, not of all.
+        self._memo: dict[tuple[str, int, str], tuple[VirtualService, IpvsService, ServiceId]] = {}
+        self._memo_seq: tuple[int, int] | None = None
+        self._touched: set[ServiceId] | None = None
+        self._desired_cache: tuple[IpvsService, ...] | None = ()
+        self._desired_vips: collections.Counter[str] = collections.Counter()  # desired services per VIP
+        # The desired services as last planned: what a change is compared with.
+        self._want: dict[ServiceId, IpvsService] = {}
+        self._ours: frozenset[str] | None = None  # our VIP addresses as of the last reconcile
+        self._foreign: frozenset[str] | None = None
+        # IPVS after the last successful reconcile, by service, and counted per VIP (services,
+        # real servers), so that a change updates them for what it touched.
+        self._observed: dict[ServiceId, ObservedService] | None = None
+        self._observed_cache: Observed | None = None
+        self._observed_vips: collections.Counter[str] = collections.Counter()
+        self._observed_dests: collections.Counter[str] = collections.Counter()
+
+    @property
+    def desired(self) -> tuple[IpvsService, ...]:
+        """The desired IPVS services of the newest state (built once per change, on demand)."""
+        if self._desired_cache is None:  # in state order, whatever order changes came in
+            self._desired_cache = tuple(svc for _, svc, _ in sorted(self._memo.values(), key=lambda e: e[0].sort_key()))
+        return self._desired_cache
+
+    @property
+    def observed(self) -> Observed | None:
+        """IPVS as the last successful reconcile left it (sorted, built on demand)."""
+        if self._observed is None:
+            return None
+        if self._observed_cache is None:
+            self._observed_cache = Observed(tuple(self._observed[k] for k in sorted(self._observed,
+                                                                                   key=service_order)))
+        return self._observed_cache
+
+    @observed.setter
+    def observed(self, value: Observed | None) -> None:
+        self._observed, self._observed_cache = None, None
+        self._observed_vips.clear()
+        self._observed_dests.clear()
+        if value is not None:
+            self._observed = {}
+            self._set_observed(value.services)
+
+    def _set_observed(self, services: Iterable[ObservedService], gone: Iterable[ServiceId] = ()) -> None:
+        assert self._observed is not None
+        for sid in gone:
+            old = self._observed.pop(sid, None)
+            if old is not None:
+                self._observed_vips[sid.vip] -= 1
+                self._observed_dests[sid.vip] -= len(old.dests)
+        for svc in services:
+            old = self._observed.get(svc.id)
+            if old is not None:
+                self._observed_dests[svc.id.vip] -= len(old.dests)
+            else:
+                self._observed_vips[svc.id.vip] += 1
+            self._observed[svc.id] = svc
+            self._observed_dests[svc.id.vip] += len(svc.dests)
+        self._observed_cache = None
 
     # -- running --------------------------------------------------------------------------
 
@@ -407,7 +470,7 @@ class DirectorApp:
         return active
 
     def _claim_vips(self) -> None:
-        served = frozenset(canonical_ip(s.vip) for s in self.desired)
+        served = frozenset(self._desired_vips)
         ours, foreign = self.host.vip_addresses()
         for vip in sorted(served - ours - foreign):
             self.host.add_vip(vip)
@@ -457,7 +520,7 @@ class DirectorApp:
             return []
         changed = state is not self._desired_for
         if changed:
-            self.desired = await self._kernel_thread.run(self._desired_of, state)
+            await self._kernel_thread.run(self._desired_of, state)
             self._desired_for = state
         trigger = "change" if changed else "resync"
         self.metrics.reconciles.labels(trigger).inc()
@@ -473,7 +536,9 @@ class DirectorApp:
             log.warning("event=apply_failed error=%s", self.apply_error)
         else:
             self.apply_error = None
-            self._needs_dump = bool(self.draining)  # a drain ends on connection counts: re-read them
+            # A drain ends on connection counts: the next reconcile re-reads the draining real
+            # servers' services (or everything, where the adapter cannot read one service).
+            self._needs_dump = bool(self.draining) and not hasattr(self.ipvs, "observe_dests")
             self.applied = _Applied(state.generation, state.content_hash, time.time())
             self.last_apply_at = self.applied.at
             self.metrics.generation_applied.set(state.generation)
@@ -491,58 +556,74 @@ class DirectorApp:
         self.reconciled.set()
         return done
 
-    def _desired_of(self, state: ClusterState) -> tuple[IpvsService, ...]:
-        """`desired_ipvs(state, mode)`, reusing the result of every service that is the very
-        object it was in the previous state (the subscriber keeps unchanged services)."""
-        fresh: dict[int, tuple[VirtualService, IpvsService, ServiceId]] = {}
-        for vs in state.services:
-            if not vs.backends:
-                continue
-            hit = self._memo.get(id(vs))
-            if hit is not None and hit[0] is vs:
-                fresh[id(vs)] = hit
-            else:
-                svc = desired_service(vs, self.settings.mode)
-                fresh[id(vs)] = (vs, svc, service_id(svc))
-        self._memo = fresh
-        return tuple(svc for _, svc, _ in fresh.values())
+    def _desired_of(self, state: ClusterState) -> None:
+        """The desired IPVS services of `state` into the memo. When `state.delta` follows the
+        state the memo reflects, only the services it names are looked at (and `_touched` says
+        which desired services changed); otherwise every service is, reusing the result of each
+        that is the very object it was (the subscriber keeps unchanged services)."""
+        d = state.delta
+        if d is not None and self._memo_seq == (d.lineage, d.seq - 1):
+            touched: set[ServiceId] = set()
+            for key, item in d.changed.items():
+                hit = self._memo.get(key)
+                if hit is not None and item is not None and hit[0] is item[0]:
+                    continue
+                if hit is not None:
+                    self._forget(key, hit)
+                    touched.add(hit[2])
+                if item is not None and item[0].backends:
+                    entry = self._remember_desired(item[0])
+                    touched.add(entry[2])
+            self._touched = touched
+        else:
+            fresh: dict[tuple[str, int, str], tuple[VirtualService, IpvsService, ServiceId]] = {}
+            self._desired_vips.clear()
+            for vs in state.services:
+                if not vs.backends:
+                    continue
+                hit = self._memo.get(vs.key)
+                if hit is None or hit[0] is not vs:
+                    svc = desired_service(vs, self.settings.mode)
+                    hit = (vs, svc, service_id(svc))
+                fresh[vs.key] = hit
+                self._desired_vips[hit[2].vip] += 1
+            self._memo = fresh
+            self._touched = None
+        self._memo_seq = (d.lineage, d.seq) if d is not None else None
+        self._desired_cache = None
+
+    def _forget(self, key: tuple[str, int, str], hit: tuple[VirtualService, IpvsService, ServiceId]) -> None:
+        del self._memo[key]
+        self._desired_vips[hit[2].vip] -= 1
+        if self._desired_vips[hit[2].vip] <= 0:
+            del self._desired_vips[hit[2].vip]
+
+    def _remember_desired(self, vs: VirtualService) -> tuple[VirtualService, IpvsService, ServiceId]:
+        svc = desired_service(vs, self.settings.mode)
+        entry = (vs, svc, service_id(svc))
+        self._memo[vs.key] = entry
+        self._desired_vips[entry[2].vip] += 1
+        return entry
 
     def _reconcile(self, state: ClusterState, done: list[Op | str], *, dump: bool) -> None:
         """One reconcile on the kernel thread. With `dump` (resyncs, the first one, after a
         failure, while draining) everything is read from the kernel and planned; otherwise only
-        the services whose desired state changed are planned, against what the last apply left."""
-        full = dump or self.observed is None or self._ours is None
+        the services whose desired state changed are planned, against what the last apply left,
+        at a cost that follows the change, not the number of services."""
+        full = dump or self._observed is None or self._ours is None
         if full:
             self._settle_settings(done)
             self._ours, self._foreign = self.host.vip_addresses()
         assert self._ours is not None
         assert self._foreign is not None
-        desired = self.desired
         self.owned_vips = frozenset(canonical_ip(v) for v in state.vips) | self._remembered
-        served = frozenset(canonical_ip(s.vip) for s in desired) if self.active else frozenset()
+        served = frozenset(self._desired_vips) if self.active else frozenset()
         for vip in sorted(served - self._ours - self._foreign):
             self.host.add_vip(vip)
             self._ours = self._ours | {vip}
             done.append(f"AddVip {vip}")
-        observed = self.ipvs.observe() if full else self.observed
-        assert observed is not None
-        now = self._clock()
-        want = {sid: svc for _, svc, sid in self._memo.values()}
-        if full:
-            result = plan(desired, observed, owned_vips=self.owned_vips, draining=self.draining, now=now,
-                          drain_timeout=self.settings.drain_timeout)
-            self.skipped = result.skipped
-            draining = dict(result.draining)
-        else:
-            # Only what changed since the last plan; the drains of other services are kept as they are.
-            before = self._want
-            touched = {sid for sid in want.keys() | before.keys() if want.get(sid) is not before.get(sid)}
-            result = plan([want[sid] for sid in touched if sid in want],
-                          Observed(tuple(s for s in observed.services if s.id in touched)),
-                          owned_vips=self.owned_vips, now=now, drain_timeout=self.settings.drain_timeout,
-                          draining={k: v for k, v in self.draining.items() if k[0] in touched})
-            draining = {k: v for k, v in self.draining.items() if k[0] not in touched} | dict(result.draining)
-        self._want = want
+        observed, result, draining = self._plan_all() if full else self._plan_change()
+        self._touched = set()  # planned: the next change starts from here
         if result.ops:
             try:
                 self.ipvs.apply(result.ops)
@@ -550,21 +631,70 @@ class DirectorApp:
                 done.extend(result.ops[i] for i in exc.applied)  # in the kernel; the next reconcile re-reads it
                 raise
             done.extend(result.ops)
-        self.observed = observed_after(observed, result.ops)
+        after = observed_after(observed, result.ops)
+        if full:
+            self.observed = after
+        else:
+            self._set_observed(after.services, gone=(op.service for op in result.ops
+                                                     if isinstance(op, DelService)))
         self.draining = draining
         self.wake_at = min(start + self.settings.drain_timeout for start in draining.values()) if draining else None
         # Addresses of VIPs whose services are gone (drained real servers keep theirs until then).
-        still = {s.id.vip for s in self.observed.services if s.id.vip in self.owned_vips}
+        still = {vip for vip, count in self._observed_vips.items() if count > 0 and vip in self.owned_vips}
         self.served_vips = served | frozenset(still) if self.active else frozenset()
         for vip in sorted(self._ours - self.served_vips):
             self.host.delete_vip(vip)
             self._ours = self._ours - {vip}
             done.append(f"DeleteVip {vip}")
         self._remember(frozenset(canonical_ip(v) for v in state.vips), frozenset(still))
-        owned = [s for s in self.observed.services if s.id.vip in self.owned_vips]
-        self.metrics.services.set(len(owned))
-        self.metrics.real_servers.set(sum(len(s.dests) for s in owned))
+        self.metrics.services.set(sum(n for vip, n in self._observed_vips.items() if vip in self.owned_vips))
+        self.metrics.real_servers.set(sum(n for vip, n in self._observed_dests.items() if vip in self.owned_vips))
         self.metrics.draining.set(len(self.draining))
+
+    def _plan_all(self) -> tuple[Observed, Plan, dict[DestId, float]]:
+        """Everything read from the kernel and planned."""
+        observed = self.ipvs.observe()
+        self._want = {sid: svc for _, svc, sid in self._memo.values()}
+        result = plan(self.desired, observed, owned_vips=self.owned_vips, draining=self.draining, now=self._clock(),
+                      drain_timeout=self.settings.drain_timeout)
+        self.skipped = result.skipped
+        return observed, result, dict(result.draining)
+
+    def _plan_change(self) -> tuple[Observed, Plan, dict[DestId, float]]:
+        """Only what changed since the last plan, against what the last apply left; the drains of
+        other services are kept as they are."""
+        assert self._observed is not None
+        touched = self._touched if self._touched is not None else self._compare_want()
+        recheck = {k[0] for k in self.draining}
+        if recheck:  # their connection counts, now: a drain ends on them
+            touched = touched | recheck
+            read = getattr(self.ipvs, "observe_dests")  # noqa: B009  (only adapters that have it get here)
+            for sid in recheck:
+                dests = read(sid)
+                if dests is None:  # not readable now: this reconcile fails, the next reads everything
+                    raise KernelError(f"could not read the real servers of {sid}")
+                if sid in self._observed:
+                    self._set_observed((replace(self._observed[sid], dests=dests),))
+        for sid in touched:
+            self._want.pop(sid, None)
+        for key in {(sid.vip, sid.port, sid.protocol) for sid in touched}:
+            hit = self._memo.get(key)
+            if hit is not None:
+                self._want[hit[2]] = hit[1]
+        order = sorted(touched, key=service_order)
+        observed = Observed(tuple(self._observed[sid] for sid in order if sid in self._observed))
+        result = plan([self._want[sid] for sid in order if sid in self._want], observed, owned_vips=self.owned_vips,
+                      now=self._clock(), drain_timeout=self.settings.drain_timeout,
+                      draining={k: v for k, v in self.draining.items() if k[0] in touched})
+        draining = {k: v for k, v in self.draining.items() if k[0] not in touched} | dict(result.draining)
+        return observed, result, draining
+
+    def _compare_want(self) -> set[ServiceId]:
+        """The services whose desired state is not what was last planned (the whole comparison,
+        when the state did not say what changed)."""
+        want = {sid: svc for _, svc, sid in self._memo.values()}
+        before = self._want
+        return {sid for sid in want.keys() | before.keys() if want.get(sid) is not before.get(sid)}
 
     def _settle_settings(self, done: list[Op | str]) -> None:
         """Timeouts and sysctls to their values; what cannot be set is reported by health."""

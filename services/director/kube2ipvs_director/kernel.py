@@ -179,6 +179,18 @@ class LinuxIpvs:
             services.append(replace(svc, dests=tuple(dests)))
         return Observed(tuple(services))
 
+    def observe_dests(self, sid: ServiceId) -> tuple[ObservedDest, ...] | None:
+        """The real servers of one service now, with their connection counts (a draining real
+        server's drain ends on them). One GET_DEST dump; the kernel answers a service that is
+        not there with none (the next full read finds it gone); None when IPVS cannot be read."""
+        af = 10 if sid.family == 6 else 2
+        try:
+            parts = self._dest_parts(sid)
+        except KernelError:
+            return None
+        dests = [d[0] for d in (ipvsnl.decode_dest(part, af) for part in parts) if d is not None]
+        return tuple(sorted(dests, key=_dest_key))
+
     # -- stats ------------------------------------------------------------------------------
 
     def stats(self) -> tuple[ServiceStats, ...]:
@@ -314,6 +326,10 @@ class FakeIpvs:
 
     def observe(self) -> Observed:
         return Observed(tuple(self.services[k] for k in sorted(self.services)))
+
+    def observe_dests(self, sid: ServiceId) -> tuple[ObservedDest, ...] | None:
+        svc = self.services.get(sid)
+        return svc.dests if svc is not None else ()  # as the kernel answers a service not there
 
     def connect(self, sid: ServiceId, address: str, port: int, *, active: int, inactive: int = 0) -> None:
         svc = self.services[sid]

@@ -18,6 +18,11 @@ A new process adopts the table it finds when every Maglev table in it carries th
 table size and seed give its services' nodes and weights (`dsr.adopt`): a restarted director
 changes nothing in the kernel and parses no table text.
 
+A resync costs one netlink request while nothing was committed: the nf_tables generation of
+the namespace (`nfsets.SetReader.generation`) is where our last transaction or read left it.
+One observe in FULL_READ_EVERY reads the table anyway, for a commit that came between ours and
+our look at the generation. `stats()` reads the services' counters only.
+
 Each transaction is atomic: when nft refuses it, nothing of it is in the kernel
 (`ApplyError.applied` is empty).
 
@@ -33,6 +38,7 @@ import ipaddress
 import logging
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Final
 
 from kube2ipvs import libnft
 from kube2ipvs.lbconfig import Family, Protocol, canonical_address
@@ -50,9 +56,10 @@ from kube2ipvs_director.dsr import (
     render_table,
 )
 from kube2ipvs_director.kernel import ApplyError, IpvsCounters, KernelError, ServiceStats
-from kube2ipvs_director.plan import Observed, ObservedService, Op, ServiceId, Timeouts, observed_after
+from kube2ipvs_director.plan import Observed, ObservedDest, ObservedService, Op, ServiceId, Timeouts, observed_after
 
 log = logging.getLogger("kube2ipvs.director")
+FULL_READ_EVERY: Final = 6  # observes: at the director's 10 s resync, a full read at least once a minute
 
 
 def _mark(data: bytes | None) -> int:
@@ -67,6 +74,12 @@ class NftDsr:
         self._trusted = False  # False: the kernel may differ from `layout`; the next apply loads everything
         self._present = False  # whether observe() found the table
         self.adoptions = 0
+        # The nf_tables generation after our last transaction or full read: while it has not
+        # moved, nobody committed anything, and a resync needs no read (but one in FULL_READ_EVERY
+        # reads anyway: a commit between ours and our look at the generation goes unseen).
+        self._generation: int | None = None
+        self._quiet_observes = 0
+        self.reads = 0  # full reads of the table (resyncs that found the generation moved, and others)
         self._observed: Observed = Observed()
         self._nft: libnft.Nft | None = None
         self._reader: SetReader | None = None
@@ -141,6 +154,15 @@ class NftDsr:
             raise KernelError(f"nft table netdev {self.settings.table}: {exc}") from exc
         return found, checks
 
+    def _current_generation(self) -> int | None:
+        if self._reader is None:
+            with self._in_netns():
+                self._reader = SetReader()
+        try:
+            return self._reader.generation()
+        except OSError:
+            return None
+
     def _hooked(self) -> bool:
         """Whether the table's ingress chain is there (a first load cut short has none)."""
         if self._reader is None:
@@ -157,7 +179,15 @@ class NftDsr:
         A process that does not know the table yet (just started, or after a failure or drift)
         adopts it when it is what this code writes for these services with this table size and
         seed (`dsr.adopt`): a restart then changes nothing in the kernel."""
+        generation = self._current_generation()
+        if self._trusted and generation is not None and generation == self._generation \
+                and self._quiet_observes < FULL_READ_EVERY - 1:
+            self._quiet_observes += 1
+            return self._observed
+        self._quiet_observes = 0
+        self.reads += 1
         read = self._read()
+        self._generation = generation
         if read is None:
             self._trusted = self._present = False
             self._observed = Observed()
@@ -185,12 +215,34 @@ class NftDsr:
                 self.adoptions += 1
         return self._observed
 
+    def observe_dests(self, sid: ServiceId) -> tuple[ObservedDest, ...] | None:
+        """What the table holds for one service (no connection counts: stateless)."""
+        svc = self.layout.services.get(sid)  # what we last wrote
+        return svc.dests if svc is not None else ()
+
     def stats(self) -> tuple[ServiceStats, ...]:
         """Packets and bytes to each service (the forwarded direction; replies bypass the
         director). Stateless: no connection counts."""
-        found = (self._read() or ({}, {}))[0]
+        found = self._counters()
         return tuple(ServiceStats(sid, IpvsCounters(packets_in=packets, bytes_in=octets))
-                     for sid, (_, _, packets, octets) in sorted(found.items()))
+                     for sid, (packets, octets) in sorted(found.items()))
+
+    def _counters(self) -> dict[ServiceId, tuple[int, int]]:
+        """The services' counters alone: two map dumps, not the real servers' and tables'."""
+        found: dict[ServiceId, tuple[int, int]] = {}
+        try:
+            for fam, kind in ((4, "ip"), (6, "ip6")):
+                for key, _, packets, octets in self._elements(f"svc{fam}"):
+                    parsed = service_key(kind, key)
+                    if parsed is not None:
+                        vip, port, proto = parsed
+                        family: Family = 6 if fam == 6 else 4
+                        found[ServiceId(vip, family, port, _protocol(proto))] = (packets or 0, octets or 0)
+        except NetlinkError as exc:
+            if exc.errno == errno.ENOENT:
+                return {}
+            raise KernelError(f"nft table netdev {self.settings.table}: {exc}") from exc
+        return found
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -235,6 +287,8 @@ class NftDsr:
             self._trusted = False  # refused whole; re-read, and load everything next time
             raise ApplyError(ops[0], 0, errno.EIO, f"nft: {exc}", applied=()) from exc
         self._observed = Observed(tuple(self.layout.services[k] for k in sorted(self.layout.services)))
+        self._generation = self._current_generation()  # ours: what the kernel holds is the layout
+        self._quiet_observes = 0
 
     def remove_table(self) -> bool:
         """Delete the owned table (`--cleanup`); True when there was one."""

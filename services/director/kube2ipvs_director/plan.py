@@ -185,7 +185,7 @@ def _ip_order(address: str) -> tuple[int, int, str]:
     return (ip.version, int(ip), "")
 
 
-def _service_order(sid: ServiceId) -> tuple[tuple[int, int, str], int, str]:
+def service_order(sid: ServiceId) -> tuple[tuple[int, int, str], int, str]:
     return (_ip_order(sid.vip), sid.port, sid.protocol)
 
 
@@ -302,7 +302,7 @@ def plan(
     have = {s.id: s for s in observed.services if s.id.vip in owned}
     drains = _Drains(before=draining or {}, now=now, timeout=drain_timeout)
     ops: list[Op] = []
-    for sid in sorted(wanted.keys() | have.keys(), key=_service_order):
+    for sid in sorted(wanted.keys() | have.keys(), key=service_order):
         ops += _service_ops(wanted.get(sid), have.get(sid), sid, drains)
     return Plan(ops=tuple(ops), draining=drains.after, wake_at=drains.wake_at, skipped=tuple(skipped))
 
@@ -310,7 +310,7 @@ def plan(
 def cleanup_plan(observed: Observed, *, owned_vips: Collection[str]) -> tuple[Op, ...]:
     """Remove every service we own at once (`--cleanup`); deleting a service removes its dests."""
     owned = {canonical_ip(v) for v in owned_vips}
-    return tuple(DelService(s.id) for s in sorted(observed.services, key=lambda s: _service_order(s.id))
+    return tuple(DelService(s.id) for s in sorted(observed.services, key=lambda s: service_order(s.id))
                  if s.id.vip in owned)
 
 
@@ -339,7 +339,7 @@ def observed_after(observed: Observed, ops: Iterable[Op]) -> Observed:
                 op.address, op.port, op.forwarding, op.weight, op.u_threshold, op.l_threshold,
                 active=old.active if old else 0, inactive=old.inactive if old else 0)
         services[op.service] = replace(svc, dests=tuple(dests[k] for k in sorted(dests, key=_dest_order)))
-    return Observed(tuple(services[k] for k in sorted(services, key=_service_order)))
+    return Observed(tuple(services[k] for k in sorted(services, key=service_order)))
 
 
 def _dest_order(key: tuple[str, int]) -> tuple[tuple[int, int, str], int]:
@@ -352,7 +352,7 @@ def observed_as_desired(observed: Observed, owned_vips: Collection[str]) -> tupl
     a forwarding method we never program (NAT, local) are shown as they are not: left out."""
     owned = {canonical_ip(v) for v in owned_vips}
     out = []
-    for s in sorted(observed.services, key=lambda s: _service_order(s.id)):
+    for s in sorted(observed.services, key=lambda s: service_order(s.id)):
         if s.id.vip not in owned:
             continue
         dests = tuple(IpvsDest(d.address, d.port, d.forwarding, d.weight, d.u_threshold, d.l_threshold)
