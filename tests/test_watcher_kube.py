@@ -310,6 +310,32 @@ def test_an_expired_watch_relists_and_resyncs_with_the_current_objects(
     run(tmp_path, scenario, fake_options={"gone_as": gone_as})
 
 
+def test_a_storm_of_410s_relists_at_a_backed_off_pace_and_ends_in_sync(tmp_path: Path) -> None:
+    async def scenario(c: Cluster) -> None:
+        await synced(c)
+        assert c.source is not None
+        # Six watches in a row answer 410 Gone, even on the resourceVersion a list has just given:
+        # every one costs a LIST, so they must be paced, not looped.
+        c.api.fail_next(6, status=410, verb="watch", resource="endpointslices")
+        started = asyncio.get_running_loop().time()
+        c.api.drop_watches("endpointslices")
+        c.api.modify("EndpointSlice", "web-4xk2p", lambda s: s["endpoints"].pop(), namespace="shop")
+        await c.sink.wait_until(lambda: len(c.sink.resyncs("EndpointSlice")) == 7 and c.in_sync(),
+                                what="a relist after each 410, then the current objects")
+        took = asyncio.get_running_loop().time() - started
+        await c.api.wait_until(lambda: c.api.open_watches() == len(KINDS), what="a watch per kind")
+        assert c.source.stats.relists["EndpointSlice"] == 6
+        assert [r.status for r in watches(c.api, "endpointslices")[1:]] == [410] * 6 + [200]
+        # Backoff 0.05 s doubling to 0.4 s with equal jitter: at least 0.025+0.05+0.1+0.2+0.2+0.2 s.
+        assert took >= 0.775, took
+        for resync in c.sink.resyncs("EndpointSlice")[1:]:  # each one whole: the picture of its list
+            assert {object_key(o): o for o in resync.objects} == c.server_objects("EndpointSlice")
+        assert all(len(c.sink.resyncs(k)) == 1 for k in KINDS if k != "EndpointSlice")
+        assert c.sink.events("EndpointSlice") == []
+
+    run(tmp_path, scenario)
+
+
 @pytest.mark.parametrize("mode", ["refused", "unavailable"])
 def test_an_api_outage_is_ridden_out_and_no_event_is_lost(
         tmp_path: Path, mode: Literal["refused", "unavailable"]) -> None:

@@ -263,12 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run the whole system on this host in network namespaces: a client, an FRR "
                          "router, two BGP directors, compute nodes with pods, NATS and the watcher reading "
                          "lab/cluster/. Needs root.")
-    lab_sub = lab.add_subparsers(dest="lab_command", metavar="up|status|down|probe", parser_class=_Parser,
+    lab_sub = lab.add_subparsers(dest="lab_command", metavar="up|status|down|probe|restart", parser_class=_Parser,
                                  required=True)
     for name, text in (("up", "start the lab and return once every VIP answers"),
                        ("status", "what runs and whether it is healthy"),
                        ("down", "stop every process and delete every namespace the lab started"),
                        ("probe", "one request to a VIP from the client namespace"),
+                       ("restart", "stop and start one component (e.g. nats, watcher, dir1-director)"),
                        ("run", "the lab's supervisor (started by `up`)")):
         lp = lab_sub.add_parser(name, help=text if name != "run" else argparse.SUPPRESS, description=text)
         lp.add_argument("--name", type=_lab_name, default="lab", help="the lab's name (default lab)")
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
             lp.add_argument("--json", action="store_true", help="machine-readable")
         if name == "probe":
             lp.add_argument("url", metavar="URL", help="http://VIP:PORT/ or udp://VIP:PORT")
+        if name == "restart":
+            lp.add_argument("component", metavar="COMPONENT", help="a process of `kube2ipvs lab status`")
         lp.set_defaults(handler=cmd_lab)
 
     from kube2ipvs.collectcmd import add_collect_command  # aiohttp only loads when collect runs
@@ -324,6 +327,10 @@ def cmd_lab(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return lab.supervise(args.name, args.cluster, args.state_root)
         if args.lab_command == "down":
             return lab.lab_down(args.name, out, root=args.state_root)
+        if args.lab_command == "restart":
+            started = lab.lab_control(args.name, "restart", args.component, root=args.state_root)
+            print(f"{args.component} restarted: {started}", file=out)
+            return 0
         if args.lab_command == "status":
             report = lab.status(args.name, root=args.state_root)
             if args.json:

@@ -15,6 +15,12 @@ What the lab records lives in its state directory (`/run/kube2ipvs-lab/<name>/`)
 (namespaces, processes and their PIDs, VIPs, phase), the logs of every process, FRR's and NATS'
 files, the services' state files. `down` removes it.
 
+A component that dies stays dead (as an operator would see a crashed service) until someone asks
+for it: `lab_control` (`stop`, `start`, `restart` one component) leaves a request in
+`<state>/control/`, which the supervisor serves between two polls of the files. It starts the
+component again with the namespace and argv it recorded, so it keeps owning the new PID and
+`down` stops it like any other.
+
 Everything runs as root (namespaces, nftables, FRR's zebra programs routes). Nothing is added to
 the root namespace: every link is created inside the namespaces, and test traffic stays among
 them.
@@ -66,6 +72,8 @@ UP_TIMEOUT: Final = 180.0
 POLL: Final = 0.05
 GRACE: Final = 2.0  # seconds a pod that left the files keeps running (out of the feed already)
 _NAME: Final = re.compile(r"[a-z0-9]{1,8}\Z")
+CONTROL_ACTIONS: Final = ("stop", "start", "restart")
+CONTROL_TIMEOUT: Final = 60.0
 
 
 class LabUsageError(Exception):
@@ -207,6 +215,8 @@ class Supervisor:
         self._feed = ""
         self._doomed: dict[str, float] = {}  # pod address -> when to stop it (out of the feed already)
         self._doomed_nodes: dict[str, float] = {}  # node -> when to remove it (out of the feed already)
+        self._ready: dict[str, str] = {}  # key -> the line its log prints once it serves (for restarts)
+        self.control_dir = directory / "control"
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -236,6 +246,7 @@ class Supervisor:
         """Start `argv` in `ns`, its output to logs/<key>.log; with `ready`, wait for that line."""
         log = self.logs / f"{key}.log"
         with log.open("ab") as out:
+            start = out.tell()  # a restarted component appends: only what it prints from here counts
             proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
         self.procs[key] = proc  # `ip netns exec` execs the command: this PID is the service's
@@ -243,12 +254,14 @@ class Supervisor:
         self.save()
         if ready is None:
             return
+        self._ready[key] = ready
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise LabError(f"{key} exited with {proc.returncode}: {_tail(log)}")
-            with contextlib.suppress(OSError):
-                if ready in log.read_text(errors="replace"):
+            with contextlib.suppress(OSError), log.open("rb") as text:
+                text.seek(start)
+                if ready in text.read().decode(errors="replace"):
                     return
             time.sleep(0.02)
         raise LabError(f"{key} did not print {ready!r} within {timeout} s: {_tail(log)}")
@@ -265,9 +278,66 @@ class Supervisor:
                 proc.wait(timeout=10)
         self.save()
 
+    def halt(self, key: str) -> None:
+        """Stop one component (SIGTERM, then SIGKILL after 10 s) and keep its record, so that it
+        can be started again as it was."""
+        proc = self.procs.get(key)
+        entry = self.record.processes[key]
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        entry.setdefault("exited", proc.returncode if proc is not None else None)
+        entry["stopped"] = True
+        self.save()
+
+    def control(self, action: str, key: str) -> dict[str, Any]:
+        """One operator request: stop, start or restart the component `key` with its recorded
+        namespace and argv (waiting for its ready line, where it has one)."""
+        entry = self.record.processes.get(key)
+        if entry is None:
+            return {"error": f"no component {key!r} (the lab runs: {', '.join(sorted(self.record.processes))})"}
+        if action not in CONTROL_ACTIONS:
+            return {"error": f"{action!r} is not one of {', '.join(CONTROL_ACTIONS)}"}
+        proc = self.procs.get(key)
+        if action == "start" and proc is not None and proc.poll() is None:
+            return {"error": f"{key} is running (PID {proc.pid}): restart it, or stop it first"}
+        if action in ("stop", "restart"):
+            self.halt(key)
+        if action in ("start", "restart"):
+            try:
+                self.spawn(key, str(entry["namespace"]), [str(a) for a in entry["argv"]],
+                           ready=self._ready.get(key), timeout=30)
+            except LabError as exc:
+                return {"error": str(exc)}
+        print(f"lab: {action} {key}: PID {self.record.processes[key]['pid']}", flush=True)
+        return {"action": action, "component": key, "pid": self.record.processes[key]["pid"],
+                "running": action != "stop"}
+
+    def serve_requests(self) -> None:
+        """Answer the requests `lab_control` left in the control directory, oldest first."""
+        try:
+            requests = sorted(self.control_dir.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+        except OSError:
+            return
+        for path in requests:
+            try:
+                asked = json.loads(path.read_text())
+                answer = self.control(str(asked["action"]), str(asked["component"]))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                answer = {"error": f"unreadable request {path.name}: {exc}"}
+            tmp = path.with_name(f".{path.stem}.done.tmp")
+            tmp.write_text(json.dumps(answer) + "\n")
+            os.replace(tmp, path.with_suffix(".done"))
+            path.unlink(missing_ok=True)
+
     def reap(self) -> None:
         """Record the exit of a process that ended on its own (a lab component is not restarted:
-        `status` shows it gone, as an operator would see a crashed service)."""
+        `status` shows it gone, as an operator would see a crashed service, until `lab_control`
+        starts it again)."""
         for key, proc in self.procs.items():
             code = proc.poll()
             entry = self.record.processes.get(key)
@@ -509,6 +579,7 @@ class Supervisor:
 
     def up(self) -> int:
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.control_dir.mkdir(exist_ok=True)
         self.save()
         started = time.monotonic()
         try:
@@ -534,10 +605,11 @@ class Supervisor:
         while not self.stopping:
             self.reap()
             try:
+                self.serve_requests()
                 self.stop_due()
                 self.follow_files()
             except (LabError, OSError, subprocess.SubprocessError) as exc:
-                print(f"lab: could not follow the files: {exc}", flush=True)
+                print(f"lab: could not follow the files or serve a request: {exc}", flush=True)
             time.sleep(POLL)
         self.teardown()
         return 0
@@ -630,6 +702,38 @@ def lab_up(name: str, cluster: Path, out: TextIO, *, root: Path = STATE_ROOT, ti
     return 1
 
 
+def lab_control(name: str, action: str, component: str, *, root: Path = STATE_ROOT,
+                timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+    """Ask the supervisor of the lab `name` to stop, start or restart one component (a key of
+    `status()["processes"]`, e.g. `nats`, `watcher`, `dir1-director`, `realserver-node-2`); its
+    answer: the component's PID once it runs (after its ready line, where it has one)."""
+    if action not in CONTROL_ACTIONS:
+        raise LabUsageError(f"{action!r}: give one of {', '.join(CONTROL_ACTIONS)}")
+    record = running(name, root)
+    if record is None:
+        raise LabUsageError(f"no lab named {name!r} is running")
+    if component not in record.processes:
+        raise LabUsageError(f"no component {component!r} (the lab runs: {', '.join(sorted(record.processes))})")
+    control = state_dir(name, root) / "control"
+    control.mkdir(exist_ok=True)
+    request = f"{os.getpid()}-{time.monotonic_ns()}"
+    tmp = control / f".{request}.tmp"  # a dot file: the supervisor reads *.json only
+    tmp.write_text(json.dumps({"action": action, "component": component}) + "\n")
+    os.replace(tmp, control / f"{request}.json")
+    done = control / f"{request}.done"
+    deadline = time.monotonic() + timeout
+    while not done.exists():
+        if time.monotonic() > deadline or not _alive(record.supervisor):
+            (control / f"{request}.json").unlink(missing_ok=True)
+            raise LabUsageError(f"the lab's supervisor did not answer {action} {component} within {timeout:.0f} s")
+        time.sleep(0.02)
+    answer: dict[str, Any] = json.loads(done.read_text())
+    done.unlink(missing_ok=True)
+    if "error" in answer:
+        raise LabUsageError(f"{action} {component}: {answer['error']}")
+    return answer
+
+
 def summary(record: Record, out: TextIO) -> None:
     client = record.client_namespace
     print(f"the lab {record.name!r} is up (ready after {record.ready_after} s): {len(record.nodes)} nodes, "
@@ -684,7 +788,8 @@ def status(name: str, *, root: Path = STATE_ROOT) -> dict[str, Any]:
         "client_namespace": record.client_namespace, "dataplane": record.dataplane,
         "dataplane_reason": record.dataplane_reason, "cluster": record.cluster,
         "vips": record.vips, "nodes": record.nodes, "pods": record.pods, "skipped": record.skipped,
-        "processes": {k: {**v, "alive": _alive(int(v["pid"]))} for k, v in sorted(record.processes.items())},
+        "processes": {k: {**v, "alive": "exited" not in v and _alive(int(v["pid"]))}
+                      for k, v in sorted(record.processes.items())},
         "namespaces": record.namespaces, "health": health,
     }
 
@@ -704,12 +809,14 @@ def print_status(report: dict[str, Any], out: TextIO) -> None:
 
 
 def cleanup(record: Record, directory: Path) -> None:
-    """What a supervisor that died left: its processes (by PID, if still alive) and namespaces."""
-    for entry in record.processes.values():
+    """What a supervisor that died left: its processes (by PID, if still alive) and namespaces.
+    A PID recorded as exited may belong to another process by now: it is left alone."""
+    live = [entry for entry in record.processes.values() if "exited" not in entry]
+    for entry in live:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(int(entry["pid"]), signal.SIGTERM)
     time.sleep(0.2)
-    for entry in record.processes.values():
+    for entry in live:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(int(entry["pid"]), signal.SIGKILL)
     for ns in reversed(record.namespaces):
