@@ -119,7 +119,7 @@ def main() -> int:
           f"peak RSS +{result['full_load_peak_rss_growth_mb']} MB (libnftables parses in-process)")
     print(f"  one weight change ({args.changes}): median {result['change_ms']['median']} ms, "
           f"p99 {result['change_ms']['p99']} ms, {result['change_elements_median']} elements")
-    print(f"  observe (read back services and real servers): {result['observe_s']} s")
+    print(f"  a resync with nothing committed since (one nf_tables generation request): {result['observe_s']} s")
     print(f"  a restarted director reads the table back and adopts it: {result['restart_adopt_s']} s, no reload")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

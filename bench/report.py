@@ -173,7 +173,7 @@ def dsr_section(d: Doc) -> list[str]:
                        f"peak RSS +{num(d.get('full_load_peak_rss_growth_mb'))} MB"),
         ("one weight change (element delta)", f"median {num(get(d, 'change_ms.median'), 2)} ms, "
                                               f"p99 {num(get(d, 'change_ms.p99'), 2)} ms"),
-        ("read back (observe)", f"{num(d.get('observe_s'), 2)} s"),
+        ("a resync with nothing committed since", f"{num(d.get('observe_s'), 2)} s"),
         ("a restarted director adopts its table", f"{num(d.get('restart_adopt_s'), 2)} s"),
     ])
 

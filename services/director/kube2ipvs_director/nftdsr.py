@@ -80,7 +80,7 @@ class NftDsr:
         self._generation: int | None = None
         self._quiet_observes = 0
         self.reads = 0  # full reads of the table (resyncs that found the generation moved, and others)
-        self._observed: Observed = Observed()
+        self._observed: Observed | None = Observed()  # None: the layout's services (sorted on demand)
         self._nft: libnft.Nft | None = None
         self._reader: SetReader | None = None
         self.full_loads = 0
@@ -163,6 +163,11 @@ class NftDsr:
         except OSError:
             return None
 
+    def _current_observed(self) -> Observed:
+        if self._observed is None:
+            self._observed = Observed(tuple(self.layout.services[k] for k in sorted(self.layout.services)))
+        return self._observed
+
     def _hooked(self) -> bool:
         """Whether the table's ingress chain is there (a first load cut short has none)."""
         if self._reader is None:
@@ -183,7 +188,7 @@ class NftDsr:
         if self._trusted and generation is not None and generation == self._generation \
                 and self._quiet_observes < FULL_READ_EVERY - 1:
             self._quiet_observes += 1
-            return self._observed
+            return self._current_observed()
         self._quiet_observes = 0
         self.reads += 1
         read = self._read()
@@ -258,10 +263,12 @@ class NftDsr:
     def apply(self, ops: Sequence[Op]) -> None:
         if not ops:
             return
-        base = Observed(tuple(self.layout.services[k] for k in sorted(self.layout.services))) \
-            if self._trusted else self._observed
-        after = {s.id: s for s in observed_after(base, ops).services}
         touched = {op.service for op in ops}
+        # Trusted: only the touched services matter (a change costs what it touches, not the
+        # table); otherwise everything observed is reloaded.
+        base = Observed(tuple(self.layout.services[k] for k in sorted(touched) if k in self.layout.services)) \
+            if self._trusted else self._current_observed()
+        after = {s.id: s for s in observed_after(base, ops).services}
         try:
             if self._trusted:
                 delta = change(self.layout, {sid: after.get(sid) for sid in touched}, self.settings)
@@ -286,7 +293,7 @@ class NftDsr:
         except (libnft.NftError, KernelError) as exc:
             self._trusted = False  # refused whole; re-read, and load everything next time
             raise ApplyError(ops[0], 0, errno.EIO, f"nft: {exc}", applied=()) from exc
-        self._observed = Observed(tuple(self.layout.services[k] for k in sorted(self.layout.services)))
+        self._observed = None  # the layout's services, sorted when someone asks (observe() with nothing new)
         self._generation = self._current_generation()  # ours: what the kernel holds is the layout
         self._quiet_observes = 0
 
