@@ -22,13 +22,14 @@ PYTEST := $(VENV)/bin/pytest
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install system-packages lint test test-vm lab bench clean
+.PHONY: help install system-packages lint test test-vm soak lab bench clean
 
 help:
 	@echo "make install   system packages (apt) + .venv with the project and its dev tools"
 	@echo "make lint      ruff, mypy, import-linter"
 	@echo "make test      install, lint, then every test lane (pure+fakes, root, vm)"
 	@echo "make test-vm   the real-IPVS lane alone (qemu VM, pytest -m vm; root)"
+	@echo "make soak      the load test for 10 minutes: 200 endpoint changes/s end to end (make test runs 60 s)"
 	@echo "make lab       the whole system on this host, in network namespaces (root; lab/README.md)"
 	@echo "make bench     every benchmark, then docs/performance.md and bench/results.json (BENCH_ARGS=--scale 0.1: quick)"
 	@echo "make clean     remove .venv and caches"
@@ -129,6 +130,11 @@ test-vm:
 	vm/run.sh $(PYTEST_ARGS); rc=$$?; \
 	if [ "$$rc" = 5 ]; then rc=0; echo "(no tests collected for lane vm)"; fi; \
 	exit $$rc
+
+# tests/test_soak.py for 10 minutes instead of the 60 s `make test` gives it (KUBE2IPVS_SOAK_SECONDS);
+# it prints its report (lag, publishes, memory) whether it passes or fails.
+soak: install
+	KUBE2IPVS_SOAK_SECONDS=600 $(PYTEST) $(PYTEST_ARGS) tests/test_soak.py
 
 # The whole system in network namespaces on this host (lab/README.md); root. It returns once
 # every VIP answers and leaves the lab running: `.venv/bin/kube2ipvs lab status|down`.
