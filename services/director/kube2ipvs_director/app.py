@@ -335,8 +335,10 @@ class DirectorApp:
         self._touched: set[ServiceId] | None = None
         self._desired_cache: tuple[IpvsService, ...] | None = ()
         self._desired_vips: collections.Counter[str] = collections.Counter()  # desired services per VIP
-        # The desired services as last planned: what a change is compared with.
+        # The desired services as last planned: what a change is compared with; and the desired
+        # tuple of the last whole plan (a resync with nothing new needs no plan).
         self._want: dict[ServiceId, IpvsService] = {}
+        self._planned: tuple[IpvsService, ...] | None = None
         self._ours: frozenset[str] | None = None  # our VIP addresses as of the last reconcile
         self._foreign: frozenset[str] | None = None
         # IPVS after the last successful reconcile, by service, and counted per VIP (services,
@@ -631,10 +633,10 @@ class DirectorApp:
                 done.extend(result.ops[i] for i in exc.applied)  # in the kernel; the next reconcile re-reads it
                 raise
             done.extend(result.ops)
-        after = observed_after(observed, result.ops)
-        if full:
+        after = observed_after(observed, result.ops) if result.ops else observed
+        if full and after is not self._observed_cache:
             self.observed = after
-        else:
+        elif not full:
             self._set_observed(after.services, gone=(op.service for op in result.ops
                                                      if isinstance(op, DelService)))
         self.draining = draining
@@ -652,12 +654,19 @@ class DirectorApp:
         self.metrics.draining.set(len(self.draining))
 
     def _plan_all(self) -> tuple[Observed, Plan, dict[DestId, float]]:
-        """Everything read from the kernel and planned."""
+        """Everything read from the kernel and planned; nothing at all when the adapter knows
+        nothing was committed since our last apply (`unchanged`: the nftables dataplane's
+        generation) and the desired state is the one last planned whole."""
         observed = self.ipvs.observe()
+        current = self.observed
+        if getattr(self.ipvs, "unchanged", False) and not self.draining and current is not None \
+                and self._planned is self.desired:
+            return current, Plan(ops=()), {}
         self._want = {sid: svc for _, svc, sid in self._memo.values()}
         result = plan(self.desired, observed, owned_vips=self.owned_vips, draining=self.draining, now=self._clock(),
                       drain_timeout=self.settings.drain_timeout)
         self.skipped = result.skipped
+        self._planned = self.desired
         return observed, result, dict(result.draining)
 
     def _plan_change(self) -> tuple[Observed, Plan, dict[DestId, float]]:

@@ -163,6 +163,12 @@ class NftDsr:
         except OSError:
             return None
 
+    @property
+    def unchanged(self) -> bool:
+        """The last observe() read nothing: nothing was committed since our last transaction or
+        read, so the kernel holds exactly the layout (the director then plans nothing)."""
+        return self._trusted and self._quiet_observes > 0
+
     def _current_observed(self) -> Observed:
         if self._observed is None:
             self._observed = Observed(tuple(self.layout.services[k] for k in sorted(self.layout.services)))
