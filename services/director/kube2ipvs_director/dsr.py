@@ -199,7 +199,9 @@ def next_layout(before: Layout, updates: Mapping[ServiceId, ObservedService | No
             after.tables[old_tid] = Table(key, slots_of(key, size), old.users)
             after.by_key[key] = old_tid
         else:
-            tid = _free_id(after.tables, max(after.tables, default=0) + 1)
+            # Never an id freed in this same change: its old slots are deleted in the same
+            # transaction, maybe from the other family's map.
+            tid = _free_id(after.tables, max(max(before.tables, default=0), max(after.tables, default=0)) + 1)
             after.tables[tid] = Table(key, slots_of(key, size), frozenset({sid}))
             after.by_key[key] = tid
             after.table_of[sid] = tid
@@ -273,10 +275,16 @@ def change(before: Layout, updates: Mapping[ServiceId, ObservedService | None], 
         old_table, new_table = before.tables.get(tid), after.tables.get(tid)
         if old_table is not None and new_table is not None and old_table.slots is new_table.slots:
             continue
-        either = new_table if new_table is not None else old_table
-        assert either is not None  # tid came from one of the two layouts
-        out.diff(f"slots{_fam(either.key[0])}", _slot_entries(tid, old_table.slots) if old_table else {},
-                 _slot_entries(tid, new_table.slots) if new_table else {})
+        old_map = f"slots{_fam(old_table.key[0])}" if old_table is not None else None
+        new_map = f"slots{_fam(new_table.key[0])}" if new_table is not None else None
+        if old_table is not None and new_table is not None and old_map == new_map:
+            out.diff(f"slots{_fam(old_table.key[0])}", _slot_entries(tid, old_table.slots),
+                     _slot_entries(tid, new_table.slots))
+        else:  # gone, new, or (never with fresh ids, but safe) another family's table under this id
+            if old_table is not None:
+                out.diff(f"slots{_fam(old_table.key[0])}", _slot_entries(tid, old_table.slots), {})
+            if new_table is not None:
+                out.diff(f"slots{_fam(new_table.key[0])}", {}, _slot_entries(tid, new_table.slots))
         out.diff("tables", {str(tid): str(table_check(old_table.key, settings))} if old_table else {},
                  {str(tid): str(table_check(new_table.key, settings))} if new_table else {})
     return Change(out.text(), after, out.count())
