@@ -308,8 +308,8 @@ def test_without_targets_or_a_cluster_configuration_collect_is_a_usage_error(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     err = io.StringIO()
     assert main(["collect"], out=io.StringIO(), err=err) == 2
-    assert err.getvalue() == ("error: collect: no kubeconfig ($KUBECONFIG, ~/.kube/config) and not in a pod: "
-                              "give --targets\n")
+    assert err.getvalue() == ("error: collect: no kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config) and not "
+                              "running in a pod: give --targets\n")
 
 
 def test_on_a_terminal_stderr_counts_the_answers(services: Services) -> None:

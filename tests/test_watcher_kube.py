@@ -19,12 +19,11 @@ from typing import Any, Literal
 import aiohttp
 import pytest
 
+from kube2ipvs.kubeclient import KubeConfigError, load_api_client
 from kube2ipvs_watcher.kube import (
     EventRecorder,
-    KubeConfigError,
     KubeSource,
     LeaderElector,
-    load_api_client,
 )
 from kube2ipvs_watcher.source import KINDS, Kind, ObjectEvent, Resync, SourceItem, object_key
 from tests.conftest import REALISTIC

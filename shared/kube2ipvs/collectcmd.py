@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 from collections.abc import Coroutine, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
 
 from kube2ipvs.collect import (
@@ -219,26 +218,16 @@ def _json_object(text: str) -> dict[str, Any] | None:
 async def discover(namespace: str, selector: str, *, kubeconfig: str | None = None) -> tuple[list[Target], list[str]]:
     """The targets of the pods matching `selector` in `namespace` (one list call)."""
     try:
-        from kubernetes_asyncio import client, config
-        from kubernetes_asyncio.config import ConfigException
+        from kubernetes_asyncio import client
+
+        from kube2ipvs.kubeclient import KubeConfigError, load_api_client
     except ImportError:
         raise DiscoveryError("kubernetes_asyncio is not installed: give --targets") from None
-    configuration = client.Configuration()
-    source = kubeconfig or os.environ.get("KUBECONFIG", "")
-    default = Path.home() / ".kube" / "config"
-    if not source and default.is_file():
-        source = str(default)
     try:
-        if source:
-            await config.load_kube_config(config_file=source, client_configuration=configuration,
-                                          persist_config=False)
-        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        else:
-            raise DiscoveryError("no kubeconfig ($KUBECONFIG, ~/.kube/config) and not in a pod: give --targets")
-    except (ConfigException, OSError) as exc:
-        raise DiscoveryError(f"cannot load the cluster configuration: {exc}") from None
-    async with client.ApiClient(configuration=configuration) as api:
+        api_client = await load_api_client(kubeconfig)
+    except KubeConfigError as exc:
+        raise DiscoveryError(f"{exc}: give --targets") from None
+    async with api_client as api:
         try:
             response: Any = await client.CoreV1Api(api).list_namespaced_pod(
                 namespace, label_selector=selector, _preload_content=False)

@@ -11,46 +11,25 @@ Cancellation closes the in-flight request; `connect` closes the client on the wa
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config import ConfigException
 
+from kube2ipvs.kubeclient import KubeConfigError, load_api_client
 from kube2ipvs.publish import JSON, KubeAccessError, KubeStatusError
 
 
 async def _load_client(kubeconfig: str | None, context: str | None) -> ApiClient:
-    """Found as kubectl finds it: `kubeconfig`, else `$KUBECONFIG`, else ~/.kube/config, else in-cluster."""
-    configuration = client.Configuration()
-    source = kubeconfig or os.environ.get("KUBECONFIG", "")
-    default = Path.home() / ".kube" / "config"
-    if not source and default.is_file():
-        source = str(default)
+    """Found as kubectl finds it (`kube2ipvs.kubeclient`); its errors as KubeAccessError."""
     try:
-        if source:
-            paths = [p for p in source.split(os.pathsep) if p]
-            if not any(Path(p).expanduser().is_file() for p in paths):
-                raise KubeAccessError(f"kubeconfig not found: {source}")
-            await config.load_kube_config(config_file=source, context=context,
-                                          client_configuration=configuration, persist_config=False)
-        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        else:
-            raise KubeAccessError("no kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config) and not running in a pod")
-    # A malformed kubeconfig fails in many ways inside the loader (YAML errors, TypeError on a
-    # document that is not a mapping, ...): each is the file's fault, reported in one line.
-    except (ConfigException, yaml.YAMLError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise KubeAccessError(f"cannot load the cluster configuration from {source or 'the pod'}: {detail}") from None
-    return ApiClient(configuration=configuration)
+        return await load_api_client(kubeconfig, context=context)
+    except KubeConfigError as exc:
+        raise KubeAccessError(str(exc)) from None
 
 
 class KubeConfigMaps:

@@ -4,7 +4,7 @@
   ConfigMap, and puts `Resync` / `ObjectEvent` items (see `source.py`) on a sink.
 - `LeaderElector` holds a coordination.k8s.io/v1 Lease so that one replica publishes.
 - `EventRecorder` reports rejected or held-back configs as core/v1 Events on the ConfigMap.
-- `load_api_client` finds the cluster the way kubectl does.
+- `kube2ipvs.kubeclient.load_api_client` finds the cluster the way kubectl does.
 
 Every request goes through the real client's generated methods with `_preload_content=False`, so
 objects stay the API's JSON (camelCase) and are never turned into the client's models; status codes
@@ -31,7 +31,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import random
 import socket
 import time
@@ -41,13 +40,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client import ApiClient
-from kubernetes_asyncio.config import ConfigException
 
 from kube2ipvs.backoff import Backoff
 from kube2ipvs_watcher.source import EventType, Kind, ObjectEvent, Resync, Sink
@@ -66,10 +63,6 @@ _HEALTHY_WATCH_SECONDS: Final = 30.0
 # The server ends a watch after timeoutSeconds; the client's read timeout only catches a dead peer.
 _WATCH_READ_GRACE_SECONDS: Final = 30.0
 _EVENT_MESSAGE_LIMIT: Final = 1024
-
-
-class KubeConfigError(ValueError):
-    """No usable cluster configuration was found."""
 
 
 class KubeAPIError(Exception):
@@ -153,31 +146,6 @@ def _utcnow() -> datetime:
 
 
 # ---- configuration ---------------------------------------------------------------------------------
-
-
-async def load_api_client(kubeconfig: str | None = None, *, context: str | None = None) -> ApiClient:
-    """An ApiClient for the cluster, found like kubectl finds it: the `kubeconfig` argument, else
-    `$KUBECONFIG` (a `:`-separated list), else `~/.kube/config` when it exists, else the pod's
-    service account (in-cluster). The caller closes the client."""
-    configuration = client.Configuration()
-    source = kubeconfig or os.environ.get("KUBECONFIG", "")
-    default = Path.home() / ".kube" / "config"
-    if not source and default.is_file():
-        source = str(default)
-    try:
-        if source:
-            paths = [p for p in source.split(os.pathsep) if p]
-            if not any(Path(p).expanduser().is_file() for p in paths):
-                raise KubeConfigError(f"kubeconfig not found: {source}")
-            await config.load_kube_config(config_file=source, context=context,
-                                          client_configuration=configuration, persist_config=False)
-        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        else:
-            raise KubeConfigError("no kubeconfig (argument, $KUBECONFIG, ~/.kube/config) and not running in a pod")
-    except ConfigException as exc:
-        raise KubeConfigError(f"cannot load the cluster configuration: {exc}") from None
-    return ApiClient(configuration=configuration)
 
 
 # ---- list and watch --------------------------------------------------------------------------------

@@ -80,9 +80,10 @@ def watcher_settings(args: argparse.Namespace) -> WatcherSettings:
 
 
 async def _kubernetes(args: argparse.Namespace) -> tuple[Source, Leadership | None, EventSink, Any]:
+    from kube2ipvs.kubeclient import load_api_client
     from kube2ipvs_watcher import kube
 
-    client = await kube.load_api_client(args.kubeconfig)
+    client = await load_api_client(args.kubeconfig)
     source = kube.KubeSource(client, configmap_namespace=args.configmap_namespace,
                              configmap_name=args.configmap_name)
     leadership = None
