@@ -186,12 +186,12 @@ class SetReader:
                 offset = (end + 3) & ~3
 
 
-    def has_chain(self, family: str, table: str, chain: str) -> bool:
-        """Whether the chain exists (one NFT_MSG_GETCHAIN: nft would list the whole table first)."""
+    def _request(self, msg_type: int, body: bytes, reply_type: int, what: str) -> tuple[bytes, int, int] | None:
+        """One request and its one reply: (buffer, start, end) of the reply's attributes, or
+        None when the kernel answers ENOENT. Raises NetlinkError on any other error."""
         self._seq += 1
         seq = self._seq
-        body = struct.pack("=BBH", FAMILIES[family], 0, 0) + _string(_CHAIN_TABLE, table) + _string(_CHAIN_NAME, chain)
-        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
         self._sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body)
         while True:
             buf = self._sock.recv(1 << 16)
@@ -201,41 +201,29 @@ class SetReader:
                 if length < _HDR.size:
                     raise NetlinkError(errno.EIO, "truncated netlink message")
                 if mseq == seq:
-                    if mtype & 0xFF == NFT_MSG_NEWCHAIN:
-                        return True
+                    if mtype & 0xFF == reply_type:
+                        return buf, offset + _HDR.size + 4, offset + length  # after the nfgenmsg
                     if mtype == NLMSG_ERROR:
                         code = -struct.unpack_from("=i", buf, offset + _HDR.size)[0]
                         if code == errno.ENOENT:
-                            return False
-                        raise NetlinkError(code, f"{os.strerror(code)}: chain {family} {table} {chain}")
+                            return None
+                        raise NetlinkError(code, f"{os.strerror(code)}: {what}")
                 offset = (offset + length + 3) & ~3
 
+    def has_chain(self, family: str, table: str, chain: str) -> bool:
+        """Whether the chain exists (one NFT_MSG_GETCHAIN: nft would list the whole table first)."""
+        body = struct.pack("=BBH", FAMILIES[family], 0, 0) + _string(_CHAIN_TABLE, table) + _string(_CHAIN_NAME, chain)
+        return self._request(NFT_MSG_GETCHAIN, body, NFT_MSG_NEWCHAIN, f"chain {family} {table} {chain}") is not None
 
     def generation(self) -> int:
         """The nf_tables generation of this network namespace: every committed transaction, by
         anyone, changes it (NFT_MSG_GETGEN). Equal twice: nothing was committed in between."""
-        self._seq += 1
-        seq = self._seq
-        body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
-        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
-        self._sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST, seq, 0) + body)
-        while True:
-            buf = self._sock.recv(1 << 16)
-            offset = 0
-            while offset + _HDR.size <= len(buf):
-                length, mtype, _, mseq, _ = _HDR.unpack_from(buf, offset)
-                if length < _HDR.size:
-                    raise NetlinkError(errno.EIO, "truncated netlink message")
-                if mseq == seq:
-                    if mtype & 0xFF == NFT_MSG_NEWGEN:
-                        found = _first(buf, offset + _HDR.size + 4, offset + length, _GEN_ID)
-                        if found is None:
-                            raise NetlinkError(errno.EIO, "no generation id in the reply")
-                        return int(struct.unpack_from(">I", buf, found[0])[0])
-                    if mtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", buf, offset + _HDR.size)[0]
-                        raise NetlinkError(code, f"{os.strerror(code)}: nf_tables generation")
-                offset = (offset + length + 3) & ~3
+        reply = self._request(NFT_MSG_GETGEN, struct.pack("=BBH", socket.AF_UNSPEC, 0, 0), NFT_MSG_NEWGEN,
+                              "nf_tables generation")
+        found = _first(*reply, _GEN_ID) if reply is not None else None
+        if reply is None or found is None:
+            raise NetlinkError(errno.EIO, "no nf_tables generation id in the reply")
+        return int(struct.unpack_from(">I", reply[0], found[0])[0])
 
 
 _PROTOCOLS: Final = {6: "tcp", 17: "udp"}
