@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,8 +19,9 @@ from typing import Any, TypeVar
 import pytest
 
 from kube2ipvs.cli import main
-from kube2ipvs.lab import PORTS, missing_tools, prefix
+from kube2ipvs.lab import PORTS, prefix
 from kube2ipvs.labplan import CTL, DIRECTORS, NATS_PORT
+from tests.root.labfixture import running_lab
 
 pytestmark = pytest.mark.root
 
@@ -53,19 +53,8 @@ def ns(host: str) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the lab creates network namespaces")
-    if (missing := missing_tools()):
-        pytest.skip(f"needs {', '.join(missing)}")
-    cluster = tmp_path_factory.mktemp("cluster")
-    for f in (REPO / "lab" / "cluster").iterdir():
-        shutil.copy(f, cluster / f.name)
-    try:
-        code, text = lab_cli("up", "--cluster", str(cluster))
-        assert code == 0, text
-        yield cluster
-    finally:
-        lab_cli("down")
+    with running_lab(NAME, tmp_path_factory.mktemp("lab")) as running:
+        yield running.cluster
 
 
 def collect() -> tuple[int, dict[str, Any]]:

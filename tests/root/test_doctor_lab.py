@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +22,9 @@ from typing import Any
 import pytest
 
 from kube2ipvs.cli import main
-from kube2ipvs.lab import missing_tools, prefix
+from kube2ipvs.lab import prefix
 from kube2ipvs.labplan import DIRECTORS
+from tests.root.labfixture import running_lab
 
 pytestmark = pytest.mark.root
 
@@ -50,19 +50,8 @@ def status() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the lab creates network namespaces")
-    if (missing := missing_tools()):
-        pytest.skip(f"needs {', '.join(missing)}")
-    cluster = tmp_path_factory.mktemp("cluster")
-    for f in (REPO / "lab" / "cluster").iterdir():
-        shutil.copy(f, cluster / f.name)
-    try:
-        code, text = lab_cli("up", "--cluster", str(cluster))
-        assert code == 0, text
+    with running_lab(NAME, tmp_path_factory.mktemp("lab")):
         yield status()
-    finally:
-        lab_cli("down")
 
 
 def ns(host: str) -> str:

@@ -37,8 +37,9 @@ from typing import Any, Final
 import pytest
 
 from kube2ipvs.cli import main
-from kube2ipvs.lab import STATE_ROOT, lab_control, missing_tools, prefix
+from kube2ipvs.lab import STATE_ROOT, lab_control, prefix
 from kube2ipvs.labplan import DIRECTORS
+from tests.root.labfixture import running_lab
 
 pytestmark = pytest.mark.root
 
@@ -374,26 +375,17 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the lab creates network namespaces")
-    if (missing := missing_tools()):
-        pytest.skip(f"needs {', '.join(missing)}")
     if shutil.which("vtysh") is None:
         pytest.skip("needs vtysh (frr)")
-    cluster = tmp_path_factory.mktemp("cluster")
-    for f in (REPO / "lab" / "cluster").iterdir():
-        shutil.copy(f, cluster / f.name)
     prober = Prober(prefix(NAME) + "client")
-    try:
-        code, text = cli("up", "--cluster", str(cluster))
-        assert code == 0, text
-        until("every service healthy", all_healthy, 60)
-        until("both directors' routes in FRR", both_paths, 60)
-        prober.start()
-        yield Lab(cluster, prober)
-    finally:
-        prober.stop()
-        cli("down")
+    with running_lab(NAME, tmp_path_factory.mktemp("lab")) as running:
+        try:
+            until("every service healthy", all_healthy, 60)
+            until("both directors' routes in FRR", both_paths, 60)
+            prober.start()
+            yield Lab(running.cluster, prober)
+        finally:
+            prober.stop()
 
 
 # -- the scenarios -------------------------------------------------------------------------------

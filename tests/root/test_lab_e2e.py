@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +18,9 @@ from typing import Any
 import pytest
 
 from kube2ipvs.cli import main
-from kube2ipvs.lab import STATE_ROOT, missing_tools, prefix
+from kube2ipvs.lab import STATE_ROOT, prefix
 from kube2ipvs.labplan import LabVip
+from tests.root.labfixture import running_lab
 
 pytestmark = pytest.mark.root
 
@@ -56,20 +56,9 @@ def until(read: Callable[[], bool], seconds: float) -> float:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the lab creates network namespaces")
-    if (missing := missing_tools()):
-        pytest.skip(f"needs {', '.join(missing)}")
-    cluster = tmp_path_factory.mktemp("cluster")
-    for f in (REPO / "lab" / "cluster").iterdir():
-        shutil.copy(f, cluster / f.name)
-    code, text = cli("up", "--cluster", str(cluster))
-    try:
-        assert code == 0, text
-        assert "director dataplane:" in text
-        yield cluster
-    finally:
-        cli("down")
+    with running_lab(NAME, tmp_path_factory.mktemp("lab")) as running:
+        assert "director dataplane:" in running.up_output
+        yield running.cluster
 
 
 def status() -> dict[str, Any]:

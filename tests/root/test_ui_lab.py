@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from kube2ipvs.cli import main
-from kube2ipvs.lab import PORTS, missing_tools, prefix
+from kube2ipvs.lab import PORTS, prefix
 from kube2ipvs.labplan import CTL
+from tests.root.labfixture import running_lab
 
 pytestmark = pytest.mark.root
 
@@ -35,24 +36,13 @@ def cli(*args: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the lab creates network namespaces")
     if shutil.which("chromium") is None:
         pytest.skip("needs chromium (Debian's chromium package; `make install` installs it)")
-    if (missing := missing_tools()):
-        pytest.skip(f"needs {', '.join(missing)}")
-    cluster = tmp_path_factory.mktemp("cluster")
-    for f in (REPO / "lab" / "cluster").iterdir():
-        shutil.copy(f, cluster / f.name)
-    try:
-        code, text = cli("up", "--cluster", str(cluster))
-        assert code == 0, text
+    with running_lab(NAME, tmp_path_factory.mktemp("lab")):
         code, text = cli("status", "--json")
         assert code == 0, text
         report: dict[str, Any] = json.loads(text)
         yield report
-    finally:
-        cli("down")
 
 
 def chromium(tmp: Path, *args: str) -> str:
