@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from kube2ipvs.lab import end_process
+
 _CANDIDATES = ("/usr/sbin/nats-server", "/usr/bin/nats-server")
 _READY_TIMEOUT = 10.0
 
@@ -83,14 +85,8 @@ class NatsServer:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()  # by PID: this object started it
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        if process is not None:
+            end_process(process, grace=10)  # by PID: this object started it
 
     def restart(self, *, wipe: bool = False) -> None:
         self.stop()

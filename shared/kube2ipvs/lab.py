@@ -269,13 +269,8 @@ class Supervisor:
     def stop(self, key: str) -> None:
         proc = self.procs.pop(key, None)
         self.record.processes.pop(key, None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            end_process(proc, grace=10)
         self.save()
 
     def halt(self, key: str) -> None:
@@ -283,13 +278,8 @@ class Supervisor:
         can be started again as it was."""
         proc = self.procs.get(key)
         entry = self.record.processes[key]
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            end_process(proc, grace=10)
         entry.setdefault("exited", proc.returncode if proc is not None else None)
         entry["stopped"] = True
         self.save()
@@ -631,6 +621,19 @@ _STOP_ORDER: Final = ("pod-", "realserver-", "bgp-speaker", "director", "gobgpd"
 def _stop_rank(key: str) -> int:
     """Teardown order: pods first, then the services, the control plane, the router last."""
     return next((i for i, part in enumerate(_STOP_ORDER) if part in key), len(_STOP_ORDER))
+
+
+def end_process(proc: subprocess.Popen[Any], *, grace: float) -> None:
+    """End a process we started (by its PID): SIGTERM, then SIGKILL when it is still there after
+    `grace` seconds; reaped either way. Nothing when it has ended already."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)
 
 
 def _tail(path: Path, lines: int = 8) -> str:

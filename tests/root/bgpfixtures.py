@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from kube2ipvs.lab import end_process
 from kube2ipvs.model import ClusterState
 from kube2ipvs.natskv import KVPublisher, NatsSettings, StateSubscriber, StatusBoard
 from kube2ipvs.protocol import Encoded, encode_state, plan_writes
@@ -164,13 +165,8 @@ class BgpLab:
 
     def close(self) -> None:
         for proc in (self.gobgpd, self.frr):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+            if proc is not None:
+                end_process(proc, grace=5)
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         self.namespaces.clear()

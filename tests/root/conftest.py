@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import pytest
 
+from kube2ipvs.lab import end_process
 from kube2ipvs.lbconfig import Protocol
 from kube2ipvs.model import VirtualService
 from tests.test_render_nft import virtual_service
@@ -144,13 +145,7 @@ class Lab:
 
     def close(self) -> None:
         for proc in self.processes:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+            end_process(proc, grace=5)
             for pipe in (proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
