@@ -334,10 +334,14 @@ def test_the_loop_follows_states_published_on_nats_publishes_readiness_and_keeps
         asyncio.run(scenario())
 
 
-@given(st.lists(st.lists(st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.1.1", "10.0.1.2"]),
-                                   st.sampled_from(["a", "b"])), unique_by=lambda e: e[0], max_size=4),
-                min_size=1, max_size=8),
-       st.lists(st.sampled_from(["192.0.2.1", "192.0.2.2", "192.0.2.3"]), min_size=1, max_size=3, unique=True))
+# Steps of (pod address, node) endpoints, and the VIPs a state configures.
+STEPS = st.lists(st.lists(st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.1.1", "10.0.1.2"]),
+                                    st.sampled_from(["a", "b"])), unique_by=lambda e: e[0], max_size=4),
+                 min_size=1, max_size=8)
+VIP_SETS = st.lists(st.sampled_from(["192.0.2.1", "192.0.2.2", "192.0.2.3"]), min_size=1, max_size=3, unique=True)
+
+
+@given(STEPS, VIP_SETS)
 @settings(max_examples=60, deadline=None)
 def test_changes_planned_incrementally_leave_nothing_a_full_plan_would_still_do(
     steps: list[list[tuple[str, str]]], vips: list[str]
@@ -358,10 +362,7 @@ def test_changes_planned_incrementally_leave_nothing_a_full_plan_would_still_do(
     app.close()
 
 
-@given(st.lists(st.lists(st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.1.1", "10.0.1.2"]),
-                                   st.sampled_from(["a", "b"])), unique_by=lambda e: e[0], max_size=4),
-                min_size=1, max_size=8),
-       st.lists(st.sampled_from(["192.0.2.1", "192.0.2.2", "192.0.2.3"]), min_size=1, max_size=3, unique=True))
+@given(STEPS, VIP_SETS)
 @settings(max_examples=60, deadline=None)
 def test_following_the_subscribers_deltas_does_exactly_what_comparing_everything_does(
     steps: list[list[tuple[str, str]]], vips: list[str]
