@@ -554,6 +554,20 @@ class Supervisor:
                 self.follow_files()
                 time.sleep(0.2)
 
+    def wait_healthy(self, timeout: float) -> None:
+        """Until every service says it is healthy: a VIP can answer through one director while
+        the other has not received its first state yet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sick = {k: h["reason"] for k, h in all_health(self.record).items() if not h["ok"]}
+            if not sick:
+                return
+            if self.stopping or time.monotonic() > deadline:
+                raise LabError("not healthy within {:.0f} s: {}".format(
+                    timeout, "; ".join(f"{k}: {why}" for k, why in sorted(sick.items()))))
+            self.follow_files()
+            time.sleep(0.2)
+
     def read_dataplane(self) -> None:
         host, address = next(iter(DIRECTORS.items()))
         done = in_ns(self.ns(host), "curl", "-sS", "-m", "2", f"http://{address}:{PORTS['director']}/config",
@@ -581,6 +595,7 @@ class Supervisor:
             self._stamp = self._files_stamp()
             self.start_watcher()
             self.wait_vips(UP_TIMEOUT)
+            self.wait_healthy(UP_TIMEOUT)
             self.read_dataplane()
         except (LabError, OSError, subprocess.SubprocessError) as exc:
             self.record.phase, self.record.error = "failed", str(exc)
@@ -770,12 +785,9 @@ def _health(ns: str, url: str) -> dict[str, Any]:
     return {"ok": bool(body.get("ok")), "reason": body.get("reason") or ""}
 
 
-def status(name: str, *, root: Path = STATE_ROOT) -> dict[str, Any]:
-    record = Record.load(state_dir(name, root))
-    if record is None:
-        raise LabUsageError(f"no lab named {name!r} is running (start one with `kube2ipvs lab up`)")
-    alive = _alive(record.supervisor)
-    health: dict[str, Any] = {}
+def all_health(record: Record) -> dict[str, dict[str, Any]]:
+    """Every service's /healthz (ok, reason), asked in its namespace."""
+    name = record.name
     endpoints = {f"{h}-{role}": (prefix(name) + h, f"http://{a}:{PORTS[role]}/healthz")
                  for h, a in DIRECTORS.items() for role in ("director", "bgp-speaker")}
     endpoints["watcher"] = (prefix(name) + "ctl", f"http://{CTL}:{PORTS['watcher']}/healthz")
@@ -784,8 +796,15 @@ def status(name: str, *, root: Path = STATE_ROOT) -> dict[str, Any]:
                         if k == f"realserver-{node}"), None)
         if address:
             endpoints[f"realserver-{node}"] = (ns, f"http://{address}/healthz")
-    if alive:
-        health = {key: _health(ns, url) for key, (ns, url) in sorted(endpoints.items())}
+    return {key: _health(ns, url) for key, (ns, url) in sorted(endpoints.items())}
+
+
+def status(name: str, *, root: Path = STATE_ROOT) -> dict[str, Any]:
+    record = Record.load(state_dir(name, root))
+    if record is None:
+        raise LabUsageError(f"no lab named {name!r} is running (start one with `kube2ipvs lab up`)")
+    alive = _alive(record.supervisor)
+    health = all_health(record) if alive else {}
     return {
         "name": name, "phase": record.phase if alive else "supervisor not running", "error": record.error,
         "client_namespace": record.client_namespace, "dataplane": record.dataplane,
