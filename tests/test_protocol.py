@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ from kube2ipvs.protocol import (
     Encoder,
     NodeSliceAssembler,
     Write,
+    decode_node_service,
     encode_state,
     node_prefix,
     node_service_key,
@@ -224,3 +226,18 @@ def test_each_assembled_state_names_what_changed_since_the_previous_one() -> Non
     assert third.delta is not None
     assert third.delta.changed == {gone.key: None}
     assert assemble(plan_writes(None, encode_state(fewer))).delta.lineage != third.delta.lineage  # type: ignore[union-attr]
+
+
+def test_addresses_from_another_publisher_are_held_in_the_form_the_kernel_reports() -> None:
+    """A publisher that spells an address differently (upper case, IPv4 tail, zeros) must not
+    make desired and kernel state differ forever: values decode to the canonical form."""
+    state = realistic_state()
+    encoded = encode_state(state)
+    key = next(k for k in encoded.values if k.startswith("vs.") and "2001" in k)
+    doc = json.loads(encoded.values[key])
+    assert doc["vip"] == "2001:db8::10"
+    doc["vip"] = "2001:DB8:0:0::0.0.0.16"
+    doc["backends"][0]["endpoints"][0]["address"] = doc["backends"][0]["endpoints"][0]["address"].upper()
+    vs = decode_node_service(json.dumps(doc).encode())
+    original = next(s for s in state.services if s.vip == "2001:db8::10" and s.port == vs.port)
+    assert vs == original

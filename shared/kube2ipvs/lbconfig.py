@@ -157,6 +157,13 @@ def canonical_address(address: str) -> str | None:
         return None
 
 
+def usable_as_vip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """False for addresses no router can send a client's packet to: unspecified, loopback,
+    multicast, and the IPv4 limited broadcast."""
+    return not (ip.is_unspecified or ip.is_multicast or ip.is_loopback
+                or (ip.version == 4 and int(ip) == 0xFFFF_FFFF))
+
+
 # --------------------------------------------------------------------------------------------
 # Parsing
 
@@ -339,7 +346,7 @@ def _parse_address(w: _Walker, path: str, value: object, family: Family | None) 
         # nft and ip(8) command lines verbatim.
         w.error(path, f"{_show(value)} cannot be a VIP (a zone index is not allowed)")
         return None
-    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or (ip.version == 4 and str(ip) == "255.255.255.255"):
+    if not usable_as_vip(ip):
         w.error(path, f"{_show(value)} cannot be a VIP (unspecified, loopback, multicast or broadcast)")
         return None
     return str(ip)

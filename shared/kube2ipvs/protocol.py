@@ -24,12 +24,22 @@ one complete service, applied as it comes. A one-endpoint change rewrites one `v
 from __future__ import annotations
 
 import bisect
+import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from kube2ipvs.lbconfig import MTU_MAX, MTU_MIN, SCHEDULERS, THRESHOLD_MAX, Forwarding, Protocol, canonical_address
+from kube2ipvs.lbconfig import (
+    MTU_MAX,
+    MTU_MIN,
+    SCHEDULERS,
+    THRESHOLD_MAX,
+    Forwarding,
+    Protocol,
+    canonical_address,
+    usable_as_vip,
+)
 from kube2ipvs.model import (
     Backend,
     ClusterState,
@@ -271,12 +281,22 @@ def _get(doc: Mapping[str, Any], key: str, kind: type) -> Any:
 
 
 def _address(doc: Mapping[str, Any], key: str) -> str:
-    """An IP address field. A zone index ("%eth0") is refused: the text after % is free-form and
-    would reach nft text and netlink verbatim."""
+    """An IP address field, in canonical form (what the kernel reports back, so that desired and
+    read state compare equal whatever spelling a publisher used). A zone index ("%eth0") is
+    refused: the text after % is free-form and would reach nft text and netlink verbatim."""
     value: str = _get(doc, key, str)
-    if "%" in value or canonical_address(value) is None:
+    canonical = None if "%" in value else canonical_address(value)
+    if canonical is None:
         raise ProtocolError(f"field {key!r}: {value[:60]!r} is not an IP address")
-    return value
+    return canonical
+
+
+def _vip(value: object) -> str | None:
+    """The VIP in canonical form, or None when it is not an address a VIP can have."""
+    if not isinstance(value, str) or "%" in value or canonical_address(value) is None:
+        return None
+    ip = ipaddress.ip_address(value)
+    return str(ip) if usable_as_vip(ip) else None
 
 
 def _int_in(doc: Mapping[str, Any], key: str, low: int, high: int, default: int | None = None) -> int:
@@ -321,7 +341,10 @@ def decode_service(doc: Mapping[str, Any]) -> VirtualService:
         if ipvs.get("forwarding", "g") not in ("g", "i"):
             raise ProtocolError(f"field 'forwarding': {ipvs.get('forwarding')!r} is not g or i")
         forwarding: Forwarding = "i" if ipvs.get("forwarding") == "i" else "g"
-        vip = _address(doc, "vip")
+        given: str = _get(doc, "vip", str)
+        vip = _vip(given)
+        if vip is None:
+            raise ProtocolError(f"field 'vip': {given[:60]!r} is not an address a VIP can have")
         backends = tuple(
             Backend(
                 node=_get(b, "node", str),
@@ -374,10 +397,15 @@ def decode_meta(data: bytes) -> Manifest:
 
 def decode_vips(data: bytes) -> tuple[str, ...]:
     """`state.vips`: a JSON list of IP addresses (without zone index: directors add them as addresses)."""
-    vips = _load(data, VIPS_KEY)
-    if not isinstance(vips, list) or not all(isinstance(v, str) and "%" not in v and canonical_address(v)
-                                             for v in vips):
+    doc = _load(data, VIPS_KEY)
+    if not isinstance(doc, list):
         raise ProtocolError(f"{VIPS_KEY}: not a JSON list of IP addresses")
+    vips = []
+    for i, given in enumerate(doc):
+        vip = _vip(given)
+        if vip is None:
+            raise ProtocolError(f"{VIPS_KEY}: item {i}, {str(given)[:60]!r}, is not an address a VIP can have")
+        vips.append(vip)
     return tuple(vips)
 
 
