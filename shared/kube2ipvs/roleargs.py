@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, Final, NoReturn
 
 from kube2ipvs.natskv import DEFAULT_BUCKET, NatsSettings
 
@@ -56,10 +58,50 @@ def add(parser: argparse.ArgumentParser, flag: str, *, default: Any = None, **kw
 
 
 def listen_address(text: str) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT, or :PORT for the default hosts (`listen_hosts`)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a pod serves its probes on all interfaces
+    return host.strip("[]"), int(port)
+
+
+# The downward-API variables the Kubernetes manifests set (status.podIP, status.hostIP).
+ADDRESS_ENV: Final = ("POD_IP", "HOST_IP")
+
+
+def route_source(family: socket.AddressFamily) -> str | None:
+    """The address this host sends from on its default route, or None without one. A UDP
+    connect only looks the route up; it sends nothing."""
+    target = "192.0.2.1" if family == socket.AF_INET else "2001:db8::1"
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))
+            address: str = s.getsockname()[0]
+    except OSError:
+        return None
+    return address
+
+
+def listen_hosts(host: str, env: Mapping[str, str] | None = None,
+                 lookup: Callable[[socket.AddressFamily], str | None] = route_source) -> tuple[str, ...]:
+    """Where the status server binds. An explicit host is used as given (0.0.0.0 included). The
+    default is loopback (for doctor and local curl) plus this pod's or host's own address:
+    POD_IP or HOST_IP when set, else the source address of the default route. Not 0.0.0.0: a
+    realserver holds every VIP on lo and a director may too, and a wildcard socket would answer
+    /config and /metrics on VIP:port to anyone the load balancer lets in."""
+    if host:
+        return (host,)
+    env = os.environ if env is None else env
+    for name in ADDRESS_ENV:
+        value = env.get(name, "").strip()
+        if value:
+            try:
+                return ("127.0.0.1", str(ipaddress.ip_address(value)))
+            except ValueError:
+                raise RoleUsageError(f"{name}={value!r} is not an IP address "
+                                     "(it sets the default --listen host)") from None
+    own = lookup(socket.AF_INET) or lookup(socket.AF_INET6)
+    return ("127.0.0.1",) if own is None or own == "127.0.0.1" else ("127.0.0.1", own)
 
 
 def positive_float(text: str) -> float:
@@ -80,8 +122,10 @@ def share(text: str) -> float:
 
 
 def add_common(parser: argparse.ArgumentParser, role: str) -> None:
-    add(parser, "--listen", type=listen_address, default=("0.0.0.0", DEFAULT_PORTS[role]),  # noqa: S104
-        metavar="HOST:PORT", help=f"address of /healthz, /config, /metrics (default 0.0.0.0:{DEFAULT_PORTS[role]})")
+    add(parser, "--listen", type=listen_address, default=("", DEFAULT_PORTS[role]),
+        metavar="HOST:PORT", help=f"address of /healthz, /config, /metrics (default :{DEFAULT_PORTS[role]}: "
+                                  "127.0.0.1 and this host's address, $POD_IP or $HOST_IP when set, else the "
+                                  "default route's source; never the VIPs)")
     add(parser, "--config-token", metavar="TOKEN",
         help="require `Authorization: Bearer TOKEN` on /config (and /ui); /healthz and /metrics stay open "
              "(prefer the environment variable)")

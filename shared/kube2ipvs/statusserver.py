@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,7 @@ class StatusServer:
     def __init__(
         self,
         *,
-        host: str,
+        host: str | Sequence[str],
         port: int,
         health: Callable[[], Health],
         config: ConfigHandler,
@@ -59,7 +59,8 @@ class StatusServer:
         pages: Mapping[str, ConfigHandler] | None = None,
         config_token: str | None = None,
     ) -> None:
-        self._host, self._port = host, port
+        self.hosts: tuple[str, ...] = (host,) if isinstance(host, str) else tuple(host)
+        self._port = port
         # When set, /config and the extra pages (they show the same data) answer only requests with
         # `Authorization: Bearer <token>`; /healthz and /metrics stay open for probes and Prometheus.
         self._token = config_token.encode() if config_token else None
@@ -77,13 +78,23 @@ class StatusServer:
             app.router.add_get(path, self._page(handler))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
-        await site.start()
         self._runner = runner
-        server = site._server  # aiohttp keeps the bound socket here; needed for port 0
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        try:
+            for host in self.hosts:  # the first one picks the port when it is 0; the others take it
+                site = web.TCPSite(runner, host, self.port)
+                await site.start()
+                server = site._server  # aiohttp keeps the bound socket here; needed for port 0
+                sockets = getattr(server, "sockets", None) or []
+                if sockets:
+                    self.port = sockets[0].getsockname()[1]
+        except OSError:
+            await self.stop()
+            raise
+
+    @property
+    def listening(self) -> str:
+        """Where it answers, for the start log line: 127.0.0.1,10.0.0.5:9872."""
+        return ",".join(f"[{h}]" if ":" in h else h for h in self.hosts) + f":{self.port}"
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -22,7 +22,16 @@ from typing import Any
 from kube2ipvs.bgp import parse_community
 from kube2ipvs.heartbeat import heartbeat
 from kube2ipvs.natskv import StateSubscriber, StatusBoard
-from kube2ipvs.roleargs import RoleParser, RoleUsageError, add, add_common, nats_settings, positive_float, run_role
+from kube2ipvs.roleargs import (
+    RoleParser,
+    RoleUsageError,
+    add,
+    add_common,
+    listen_hosts,
+    nats_settings,
+    positive_float,
+    run_role,
+)
 from kube2ipvs.statusserver import StatusServer
 from kube2ipvs_bgp_speaker.app import SpeakerApp, SpeakerSettings, cleanup, describe_settings
 from kube2ipvs_bgp_speaker.plan import GlobalSpec, PeerSpec, RouteSettings, canonical_communities
@@ -204,10 +213,10 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                          describe=describe_settings(settings, gobgpd=args.gobgpd, host_name=args.host_name,
                                                     nats=nats.describe()))
         listen_host, port = args.listen
-        server = StatusServer(host=listen_host, port=port, health=app.health, config=app.config,
+        server = StatusServer(host=listen_hosts(listen_host), port=port, health=app.health, config=app.config,
                               registry=app.registry, config_token=args.config_token)
         await server.start()
-        log.info("event=started role=bgp-speaker listen=%s:%d gobgpd=%s", listen_host, server.port, args.gobgpd)
+        log.info("event=started role=bgp-speaker listen=%s gobgpd=%s", server.listening, args.gobgpd)
         try:
             return await serve(app, subscriber, board, stop, args.host_name)
         finally:

@@ -21,7 +21,16 @@ from typing import Any
 
 from kube2ipvs.maglev import DEFAULT_SIZE, is_prime
 from kube2ipvs.natskv import Lease, StateSubscriber, StatusBoard
-from kube2ipvs.roleargs import RoleParser, RoleUsageError, add, add_common, nats_settings, positive_float, run_role
+from kube2ipvs.roleargs import (
+    RoleParser,
+    RoleUsageError,
+    add,
+    add_common,
+    listen_hosts,
+    nats_settings,
+    positive_float,
+    run_role,
+)
 from kube2ipvs.statusserver import StatusServer
 from kube2ipvs_director.app import (
     DEFAULT_STATE_FILE,
@@ -282,10 +291,10 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                       "nats": nats.describe()},
         )
         listen_host, port = args.listen
-        server = StatusServer(host=listen_host, port=port, health=app.health, config=app.config,
+        server = StatusServer(host=listen_hosts(listen_host), port=port, health=app.health, config=app.config,
                               registry=app.registry, config_token=args.config_token)
         await server.start()
-        log.info("event=started role=director listen=%s:%d mode=%s", listen_host, server.port, args.mode)
+        log.info("event=started role=director listen=%s mode=%s", server.listening, args.mode)
         try:
             await serve(app, subscriber, board, lease, host, stop)
         finally:

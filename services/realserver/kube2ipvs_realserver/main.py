@@ -18,7 +18,16 @@ from pathlib import Path
 
 from kube2ipvs.heartbeat import heartbeat
 from kube2ipvs.natskv import NodeSliceSubscriber, StatusBoard
-from kube2ipvs.roleargs import RoleParser, RoleUsageError, add, add_common, nats_settings, positive_float, run_role
+from kube2ipvs.roleargs import (
+    RoleParser,
+    RoleUsageError,
+    add,
+    add_common,
+    listen_hosts,
+    nats_settings,
+    positive_float,
+    run_role,
+)
 from kube2ipvs.statusserver import StatusServer
 from kube2ipvs_realserver.app import AppSettings, RealserverApp, cleanup
 from kube2ipvs_realserver.kernel import LinuxKernel, label_for
@@ -82,10 +91,10 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                       "nats": nats.describe()},
         )
         host, port = args.listen
-        server = StatusServer(host=host, port=port, health=app.health, config=app.config, registry=app.registry,
-                              config_token=args.config_token)
+        server = StatusServer(host=listen_hosts(host), port=port, health=app.health, config=app.config,
+                              registry=app.registry, config_token=args.config_token)
         await server.start()
-        log.info("event=started role=realserver listen=%s:%d node=%s", host, server.port, args.node)
+        log.info("event=started role=realserver listen=%s node=%s", server.listening, args.node)
         try:
             await subscriber.start()
             # The board connects in the background; the health beat retries until it is there.

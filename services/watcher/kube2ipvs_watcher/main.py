@@ -24,6 +24,7 @@ from kube2ipvs.roleargs import (
     RoleUsageError,
     add,
     add_common,
+    listen_hosts,
     nats_settings,
     positive_float,
     run_role,
@@ -122,13 +123,13 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     )
     host, port = args.listen
     board = StatusBoard(nats)  # read by /ui: every director's (and any role's) published status
-    server = StatusServer(host=host, port=port, health=app.health, config=app.config, registry=app.registry,
-                          config_token=args.config_token,
+    server = StatusServer(host=listen_hosts(host), port=port, health=app.health, config=app.config,
+                          registry=app.registry, config_token=args.config_token,
                           pages={"/ui": StatusPageRoute(app, board, identity=args.identity)})
     await server.start()
     board_start = asyncio.create_task(board.start(), name="status-board")  # connects in the background
     board_start.add_done_callback(_board_failed)
-    log.info("event=started role=watcher listen=%s:%d source=%s", host, server.port, args.source)
+    log.info("event=started role=watcher listen=%s source=%s", server.listening, args.source)
     try:
         if not await _until_stopped(publisher.start(), stop):
             return 0
