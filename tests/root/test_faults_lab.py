@@ -175,7 +175,7 @@ class Scenario:
     start: float = field(default_factory=time.monotonic)
 
     def note(self, text: str) -> None:
-        print(f"[{self.name}] {text}", flush=True)
+        print(f"[{self.name}] +{time.monotonic() - self.start:.2f} s {text}", flush=True)
 
     def report(self) -> dict[str, Traffic]:
         time.sleep(1.0)  # a second of traffic after the recovery belongs to the window
@@ -184,6 +184,9 @@ class Scenario:
         for protocol, t in seen.items():
             print(f"[{self.name}] {t.line(protocol)}", flush=True)
             assert t.requests > 20, f"the prober stalled: {t}"  # it ran throughout
+        failed = [f"{s.protocol} +{s.start - self.start:.2f} s" for s in samples if s.answer is None]
+        if failed:  # when, against the notes' times, to tell which step a failure belongs to
+            print(f"[{self.name}] failed requests sent at: {', '.join(failed[:20])}", flush=True)
         return seen
 
 
@@ -455,9 +458,12 @@ def test_a_director_restarted_after_a_change_it_missed_applies_only_that_change(
     try:
         with nft_monitor("dir1") as changes:
             sigkill("dir1-director")
+            s.note("dir1-director killed")
             slices.write_text(before.replace(WEB2, WEB2 + WEB3))  # web-3 on node-2: 192.0.2.10:80 changes
             until("web-3 served through dir2", lambda: any(answers_from("web-3") for _ in range(4)))
+            s.note("web-3 answers")
             lab_control(NAME, "start", "dir1-director")
+            s.note("dir1-director started")
             took = until("dir1-director healthy", lambda: component_healthy("dir1-director"))
             s.note(f"the restarted director was healthy {took:.2f} s after it was started")
             time.sleep(2)
@@ -474,7 +480,9 @@ def test_a_director_restarted_after_a_change_it_missed_applies_only_that_change(
                     c.startswith("flush")], changes[:20]
     finally:
         slices.write_text(before)
+        s.note("web-3 removed from the slices")
         until("web-3 gone", lambda: "10.244.2.13" not in status()["pods"])
+        s.note("web-3 gone")
     seen = s.report()
     assert_no_failed_request(seen)
 
