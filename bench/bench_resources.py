@@ -101,7 +101,7 @@ from kube2ipvs.kube import SERVICE_NAME_LABEL, parse_endpointslices, parse_nodes
 from kube2ipvs.lbconfig import LBConfig
 from kube2ipvs.model import ClusterState, service_to_dict
 from kube2ipvs.normalize import normalize
-from kube2ipvs_watcher.files import FileSource, diff
+from kube2ipvs_watcher.files import FileSource
 
 DEFAULT_OUTPUT: Final = Path(__file__).resolve().parent / "results" / "bench_resources.json"
 KUBE2IPVS: Final = Path(sys.executable).with_name("kube2ipvs")
@@ -620,21 +620,18 @@ def file_source_cost(files: ClusterFiles, changes: list[tuple[int, int]], interv
     poll after one interval's worth of changes (`changes`, written here)."""
     source = FileSource(files.directory, interval=interval)
     t0 = time.process_time()
-    current = source.scan()
+    source.scan()
     first = time.process_time() - t0
     idle = []
     for _ in range(5):
         t0 = time.process_time()
-        newer = source.scan()
-        diff(current, newer)
+        source.poll()
         idle.append(time.process_time() - t0)
-        current = newer
     shards = {files.flip(c) for c in changes}
     for shard in sorted(shards):
         files.write_shard(shard)
     t0 = time.process_time()
-    newer = source.scan()
-    events = diff(current, newer)
+    events = source.poll()
     busy = time.process_time() - t0
     for c in reversed(changes):  # back as it was (the services have long converged; they follow)
         files.flip(c)

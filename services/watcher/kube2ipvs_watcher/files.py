@@ -4,7 +4,13 @@ Every `*.json`, `*.yaml` and `*.yml` file in the directory is read (a List, a si
 several YAML documents); Nodes, Services, EndpointSlices and ConfigMaps are kept, anything else
 is ignored. The directory is polled every `interval` seconds and only files whose size or
 modification time changed are re-read. The first scan produces a Resync of every kind; later
-scans produce ADDED/MODIFIED/DELETED events for what changed.
+polls produce ADDED/MODIFIED/DELETED events for what changed, and nothing else: a poll of an
+unchanged directory is one stat per file.
+
+What it keeps between polls is a fingerprint of each object, not the object (at 100,000
+endpoints the objects are ~100 MiB; the watcher's core holds its own parsed form). An object
+held by several files is the one of the last file in name order. A DELETED event carries the
+object's kind and name only, which is all a consumer of a deletion reads.
 
 A file that cannot be read or parsed keeps the objects it had at its last good read: a
 half-written or broken file never looks like a deletion. Cancellation stops the polling loop.
@@ -13,7 +19,11 @@ half-written or broken file never looks like a deletion. Cancellation stops the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import marshal
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,76 +35,171 @@ log = logging.getLogger("kube2ipvs.watcher.files")
 SUFFIXES = (".json", ".yaml", ".yml")
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
+ObjKey = tuple[Kind, str]
+
 
 @dataclass(slots=True)
 class _File:
     stamp: tuple[int, int]  # (mtime_ns, size)
-    objects: dict[tuple[Kind, str], dict[str, Any]] = field(default_factory=dict)
+    prints: dict[ObjKey, bytes] = field(default_factory=dict)  # the objects of its last good read
+
+
+def fingerprint(obj: dict[str, Any]) -> bytes:
+    """Equal for equal objects read from the same text (key order comes from the text), and
+    never equal for different ones. marshal is four times cheaper than JSON here; format 2,
+    because later ones write back-references that depend on how strings are shared across the
+    whole file (an unchanged object would look changed). YAML can hold what marshal cannot
+    (dates): JSON then."""
+    try:
+        data = marshal.dumps(obj, 2)
+    except ValueError:
+        data = json.dumps(obj, separators=(",", ":"), default=str).encode()
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class FileSource:
     def __init__(self, directory: Path, *, interval: float = 1.0) -> None:
         self.directory = directory
         self.interval = interval
-        self._files: dict[Path, _File] = {}
+        self._files: dict[str, _File] = {}  # by file name: a Path per file costs more than its stat
+        self._holders: dict[ObjKey, set[str]] = {}  # the files that hold each object
+        self._view: dict[ObjKey, bytes] = {}  # the fingerprint of each object in force
+        self._pending: set[ObjKey] = set()  # judged again next poll (its file changed under a read)
         self.errors: dict[str, str] = {}  # file -> why its last read failed (for /config and logs)
 
     async def run(self, sink: Sink) -> None:
         current = self.scan()
         for kind in KINDS:
             sink.put_nowait(Resync(kind, tuple(o for (k, _), o in sorted(current.items()) if k == kind)))
+        del current  # the core keeps its own parsed form; these dicts go with the Resyncs
         while True:
             await asyncio.sleep(self.interval)
-            newer = self.scan()
-            for item in diff(current, newer):
+            for item in self.poll():
                 sink.put_nowait(item)
-            current = newer
 
-    def scan(self) -> dict[tuple[Kind, str], dict[str, Any]]:
-        """Read what changed; return every object the directory holds now, by (kind, key)."""
-        seen: set[Path] = set()
-        try:
-            paths = sorted(p for p in self.directory.iterdir() if p.suffix in SUFFIXES and p.is_file())
-        except OSError as exc:
-            self.errors[str(self.directory)] = str(exc)
-            log.warning("event=scan-failed dir=%s error=%s", self.directory, exc)
-            paths = list(self._files)  # keep everything as it was
-        else:
-            self.errors.pop(str(self.directory), None)
-        for path in paths:
-            seen.add(path)
-            try:
-                st = path.stat()
-            except OSError:
-                continue  # vanished between listing and stat: next scan decides
-            stamp = (st.st_mtime_ns, st.st_size)
+    def scan(self) -> dict[ObjKey, dict[str, Any]]:
+        """Read what changed; return every object in force, by (kind, key): what the first
+        Resync carries. Files not read by this call are read again for their objects."""
+        _, fresh = self._poll()
+        objects: dict[ObjKey, dict[str, Any]] = {}
+        for key in sorted(self._view):
+            owner = max(self._holders[key])
+            if owner not in fresh:
+                fresh[owner] = self._objects_of(owner)
+            obj = fresh[owner].get(key)
+            if obj is not None:
+                objects[key] = obj
+        return objects
+
+    def poll(self) -> list[ObjectEvent]:
+        """The events since the last poll (or scan): one per object added, changed or deleted."""
+        return self._poll()[0]
+
+    def _poll(self) -> tuple[list[ObjectEvent], dict[str, dict[ObjKey, dict[str, Any]]]]:
+        listed = self._list()
+        fresh: dict[str, dict[ObjKey, dict[str, Any]]] = {}
+        affected, self._pending = self._pending, set()
+        for path, stamp in listed.items():
             known = self._files.get(path)
             if known is not None and known.stamp == stamp:
                 continue
-            self._files[path] = _File(stamp, known.objects if known is not None else {})
-            self._read(path)
-        for gone in [p for p in self._files if p not in seen]:
-            del self._files[gone]
-            self.errors.pop(str(gone), None)
-        merged: dict[tuple[Kind, str], dict[str, Any]] = {}
-        for f in self._files.values():
-            merged.update(f.objects)
-        return merged
+            if known is None:
+                known = self._files[path] = _File(stamp)
+            known.stamp = stamp
+            objects = self._read(path)
+            if objects is None:
+                continue  # unreadable: its last good objects stay
+            fresh[path] = objects
+            prints = {k: fingerprint(o) for k, o in objects.items()}
+            for k in known.prints.keys() - prints.keys():
+                self._holders[k].discard(path)
+                affected.add(k)
+            for k, p in prints.items():
+                self._holders.setdefault(k, set()).add(path)
+                if known.prints.get(k) != p:
+                    affected.add(k)
+            known.prints = prints
+        for gone in [p for p in self._files if p not in listed]:
+            for k in self._files.pop(gone).prints:
+                self._holders[k].discard(gone)
+                affected.add(k)
+            self.errors.pop(str(self.directory / gone), None)
+        events: list[ObjectEvent] = []
+        for key in sorted(affected):
+            before = self._view.get(key)
+            holders = self._holders.get(key)
+            if not holders:
+                self._holders.pop(key, None)
+                if before is not None:
+                    del self._view[key]
+                    events.append(ObjectEvent(key[0], "DELETED", _stub(key)))
+                continue
+            owner = max(holders)
+            now = self._files[owner].prints[key]
+            if now == before:
+                continue
+            if owner not in fresh:
+                fresh[owner] = self._objects_of(owner)
+            obj = fresh[owner].get(key)
+            if obj is None:  # rewritten since its last read: read it again next poll
+                self._files[owner].stamp = (-1, -1)
+                self._pending.add(key)
+                continue
+            self._view[key] = now
+            events.append(ObjectEvent(key[0], "ADDED" if before is None else "MODIFIED", obj))
+        return events, fresh
 
-    def _read(self, path: Path) -> None:
+    def _list(self) -> dict[str, tuple[int, int]]:
+        """Every object file and its stamp; on a listing error, every known file as it was."""
+        listed: dict[str, tuple[int, int]] = {}
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    if not entry.name.endswith(SUFFIXES):
+                        continue
+                    try:
+                        if not entry.is_file():
+                            continue
+                        st = entry.stat()
+                    except OSError:
+                        continue  # vanished between listing and stat: next poll decides
+                    listed[entry.name] = (st.st_mtime_ns, st.st_size)
+        except OSError as exc:
+            self.errors[str(self.directory)] = str(exc)
+            log.warning("event=scan-failed dir=%s error=%s", self.directory, exc)
+            return {p: f.stamp for p, f in self._files.items()}  # keep everything as it was
+        self.errors.pop(str(self.directory), None)
+        return listed
+
+    def _read(self, name: str) -> dict[ObjKey, dict[str, Any]] | None:
+        path = self.directory / name
         try:
             objects = _load(path)
         except (OSError, ObjectFileError) as exc:
             self.errors[str(path)] = str(exc)
             log.warning("event=file-unreadable file=%s error=%s (keeping its last good objects)", path, exc)
-            return
+            return None
         self.errors.pop(str(path), None)
-        found: dict[tuple[Kind, str], dict[str, Any]] = {}
+        found: dict[ObjKey, dict[str, Any]] = {}
         for obj in objects:
             kind = _KINDS.get(obj.get("kind"))
             if kind is not None:
                 found[(kind, object_key(obj))] = obj
-        self._files[path].objects = found
+        return found
+
+    def _objects_of(self, path: str) -> dict[ObjKey, dict[str, Any]]:
+        """A file read again for objects of it that are in force but not at hand: only those
+        whose fingerprint still matches (a file rewritten since waits for its own poll)."""
+        known = self._files[path]
+        objects = self._read(path) or {}
+        return {k: o for k, o in objects.items() if known.prints.get(k) == fingerprint(o)}
+
+
+def _stub(key: ObjKey) -> dict[str, Any]:
+    """What a DELETED event carries: the object's kind and name."""
+    namespace, _, name = key[1].rpartition("/")
+    metadata = {"namespace": namespace, "name": name} if namespace else {"name": name}
+    return {"kind": key[0], "metadata": metadata}
 
 
 _KINDS: dict[object, Kind] = {k: k for k in KINDS}
@@ -105,15 +210,3 @@ def _load(path: Path) -> list[dict[str, Any]]:
         raise ObjectFileError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
     return load_objects_text(path.read_bytes(), source=str(path))
 
-
-def diff(old: dict[tuple[Kind, str], dict[str, Any]], new: dict[tuple[Kind, str], dict[str, Any]]) -> list[ObjectEvent]:
-    events: list[ObjectEvent] = []
-    for key in sorted(old.keys() | new.keys()):
-        before, after = old.get(key), new.get(key)
-        if before is None and after is not None:
-            events.append(ObjectEvent(key[0], "ADDED", after))
-        elif after is None and before is not None:
-            events.append(ObjectEvent(key[0], "DELETED", before))
-        elif before != after and after is not None:
-            events.append(ObjectEvent(key[0], "MODIFIED", after))
-    return events

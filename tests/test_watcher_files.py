@@ -1,0 +1,84 @@
+"""The file source's polls: events for what changed and nothing else, without keeping the objects."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kube2ipvs_watcher import files as files_module
+from kube2ipvs_watcher.files import FileSource
+
+
+def node(name: str, address: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": address}]}}
+
+
+def write(path: Path, *objects: dict[str, Any]) -> None:
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}))
+    st = path.stat()  # a new stamp even within the file system's time granularity
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+def summary(events: list[Any]) -> list[tuple[str, str, str]]:
+    return [(e.type, e.kind, e.obj["metadata"]["name"]) for e in events]
+
+
+def test_polls_report_each_added_changed_and_deleted_object_once(tmp_path: Path) -> None:
+    write(tmp_path / "a.json", node("n1", "10.0.0.1"), node("n2", "10.0.0.2"))
+    source = FileSource(tmp_path)
+    assert sorted(source.scan()) == [("Node", "n1"), ("Node", "n2")]
+    assert source.poll() == []
+    write(tmp_path / "a.json", node("n1", "10.0.0.1"), node("n2", "10.0.0.9"), node("n3", "10.0.0.3"))
+    events = source.poll()
+    assert summary(events) == [("MODIFIED", "Node", "n2"), ("ADDED", "Node", "n3")]
+    assert events[0].obj["status"]["addresses"][0]["address"] == "10.0.0.9"
+    assert source.poll() == []
+    write(tmp_path / "a.json", node("n3", "10.0.0.3"))
+    assert summary(source.poll()) == [("DELETED", "Node", "n1"), ("DELETED", "Node", "n2")]
+    (tmp_path / "a.json").unlink()
+    assert summary(source.poll()) == [("DELETED", "Node", "n3")]
+
+
+def test_an_object_in_two_files_is_the_last_files_and_falls_back_when_that_one_goes(tmp_path: Path) -> None:
+    write(tmp_path / "a.json", node("n1", "10.0.0.1"))
+    write(tmp_path / "b.json", node("n1", "10.0.0.2"))
+    source = FileSource(tmp_path)
+    scanned = source.scan()
+    assert scanned[("Node", "n1")]["status"]["addresses"][0]["address"] == "10.0.0.2"
+    (tmp_path / "b.json").unlink()
+    events = source.poll()  # a.json is read again for the object it still holds
+    assert summary(events) == [("MODIFIED", "Node", "n1")]
+    assert events[0].obj["status"]["addresses"][0]["address"] == "10.0.0.1"
+
+
+def test_an_unchanged_directory_reads_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(5):
+        write(tmp_path / f"{i}.json", node(f"n{i}", f"10.0.0.{i + 1}"))
+    source = FileSource(tmp_path)
+    source.scan()
+    reads: list[Path] = []
+    real = files_module._load
+
+    def counting(path: Path) -> list[dict[str, Any]]:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(files_module, "_load", counting)
+    assert source.poll() == []
+    assert reads == []
+    write(tmp_path / "3.json", node("n3", "10.0.0.99"))
+    assert summary(source.poll()) == [("MODIFIED", "Node", "n3")]
+    assert reads == [tmp_path / "3.json"]
+
+
+def test_a_rewrite_with_the_same_objects_is_no_event(tmp_path: Path) -> None:
+    write(tmp_path / "a.json", node("n1", "10.0.0.1"))
+    source = FileSource(tmp_path)
+    source.scan()
+    write(tmp_path / "a.json", node("n1", "10.0.0.1"))
+    assert source.poll() == []
