@@ -937,9 +937,10 @@ def main() -> int:
                         help="rest after converging, before a window (first resyncs, collections)")
     parser.add_argument("--files-interval", type=float, default=1.0, help="the watcher's --files-interval")
     parser.add_argument("--repeat", type=int, default=1, help="idle + load windows, repeated (medians reported)")
-    parser.add_argument("--py-spy", metavar="PATH", default=shutil.which("py-spy"),
+    beside = Path(sys.executable).with_name("py-spy")  # the project's .venv installs it (make install)
+    parser.add_argument("--py-spy", metavar="PATH", default=str(beside) if beside.exists() else shutil.which("py-spy"),
                         help="py-spy binary: profile every service through the first idle and load windows "
-                             "(default: py-spy on PATH, if any; '' for none)")
+                             "(default: the one beside this Python, else py-spy on PATH, if any; '' for none)")
     parser.add_argument("--role-args", action="append", metavar="ROLE=ARGS",
                         help="more flags for one role, repeatable, e.g. director='--resync-interval 60'")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)

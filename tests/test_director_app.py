@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ from kube2ipvs.ipvs import desired_ipvs
 from kube2ipvs.model import ClusterState
 from kube2ipvs.normalize import normalize
 from kube2ipvs.render.ipvsadm import render_ipvsadm
-from kube2ipvs.statusserver import ConfigResponse
+from kube2ipvs.statusserver import ConfigResponse, StatusServer
 from kube2ipvs_director.app import DirectorApp, DirectorSettings, cleanup, default_vs_sysctls
 from kube2ipvs_director.host import FakeHost
 from kube2ipvs_director.kernel import FakeIpvs
@@ -395,3 +396,43 @@ def test_following_the_subscribers_deltas_does_exactly_what_comparing_everything
     assert fast_ipvs.observe() == slow_ipvs.observe()
     fast.close()
     slow.close()
+
+
+def test_counters_are_read_when_metrics_are_scraped_and_scrapes_close_together_share_a_reading() -> None:
+    """Nothing reads 10,000 counters on a timer for nobody: a scrape does, at most once per
+    stats_max_age, and scrapes arriving together wait for one reading."""
+    from kube2ipvs_director.app import StatsSnapshot
+
+    reads: list[float] = []
+    now = [1000.0]
+
+    class Source:
+        def read(self) -> StatsSnapshot:
+            reads.append(now[0])
+            return StatsSnapshot()
+
+    app = DirectorApp(CountingIpvs(), FakeHost(), source=None, stats=Source(), clock=lambda: now[0],
+                      settings=DirectorSettings(mode="arp", vs_sysctls={}, stats_max_age=2.0))
+
+    async def scrapes() -> list[int]:
+        server = StatusServer(host="127.0.0.1", port=0, health=app.health, config=app.config,
+                              registry=app.registry, before_metrics=app.read_stats)
+        await server.start()
+        statuses: list[int] = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def scrape() -> int:
+                    async with session.get(f"http://127.0.0.1:{server.port}/metrics") as response:
+                        return response.status
+                statuses += await asyncio.gather(scrape(), scrape(), scrape())
+                now[0] += 1.0
+                statuses.append(await scrape())  # within 2 s of the reading: the same reading
+                now[0] += 1.5
+                statuses.append(await scrape())
+        finally:
+            await server.stop()
+        return statuses
+
+    assert reads == []  # built and reconciled: no reading yet
+    assert asyncio.run(scrapes()) == [200] * 5
+    assert reads == [1000.0, 1002.5]

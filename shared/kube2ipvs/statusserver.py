@@ -58,6 +58,7 @@ class StatusServer:
         registry: CollectorRegistry,
         pages: Mapping[str, ConfigHandler] | None = None,
         config_token: str | None = None,
+        before_metrics: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.hosts: tuple[str, ...] = (host,) if isinstance(host, str) else tuple(host)
         self._port = port
@@ -66,6 +67,9 @@ class StatusServer:
         self._token = config_token.encode() if config_token else None
         self._health, self._config, self._registry = health, config, registry
         self._pages = dict(pages or {})  # extra read-only GET routes of a role (the watcher's /ui)
+        # Readings too costly to take on a timer (the director's per-service counters at 10k
+        # VIP:ports) are taken when someone asks: a scrape, not every few seconds for nobody.
+        self._before_metrics = before_metrics
         self._runner: web.AppRunner | None = None
         self.port = port
 
@@ -134,5 +138,7 @@ class StatusServer:
         return web.Response(status=response.status, text=response.body, content_type=response.content_type)
 
     async def _on_metrics(self, _request: web.Request) -> web.Response:
+        if self._before_metrics is not None:
+            await self._before_metrics()
         body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

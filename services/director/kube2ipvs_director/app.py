@@ -206,7 +206,7 @@ class DirectorSettings:
     state_file: Path | None = None  # remembers the VIPs we own across restarts (None: not kept)
     # Connection states (/proc/net/ip_vs_conn, a million lines on a busy director) and IPVS
     # counters are read this often, by a task of their own.
-    stats_interval: float = 10.0
+    stats_max_age: float = 2.0  # a scrape within this of the last reading shows that reading
     garp_period: float = 2.0  # ARP mode: every served VIP is announced at least this often
 
 
@@ -302,7 +302,9 @@ class DirectorApp:
         self._leadership = leadership
         self.active = leadership is None
         self._held_at: float | None = None
-        self.stats = StatsSnapshot()
+        self.stats = StatsSnapshot()  # read when /metrics is scraped (read_stats), not on a timer
+        self._stats_at: float | None = None
+        self._stats_lock = asyncio.Lock()
         self.registry.register(DirectorStats(self))
         self._describe = dict(describe or {})
         self._clock = clock
@@ -409,8 +411,6 @@ class DirectorApp:
             if self._source is not None:
                 tg.create_task(self._consume())
             tg.create_task(self._loop())
-            if self._stats_source is not None:
-                tg.create_task(self._stats_loop())
             if self._announcer is not None:
                 tg.create_task(self._garp_loop())
             if self._leadership is not None:
@@ -435,11 +435,6 @@ class DirectorApp:
             await self.reconcile_once()
             retry = self.settings.retry_min if self.apply_error is None else \
                 min(retry * 2, self.settings.resync_interval)
-
-    async def _stats_loop(self) -> None:
-        while True:
-            await self.read_stats()
-            await asyncio.sleep(self.settings.stats_interval)
 
     async def _lease_loop(self) -> None:
         assert self._leadership is not None
@@ -510,10 +505,15 @@ class DirectorApp:
     async def read_stats(self) -> None:
         if self._stats_source is None:
             return
-        try:
-            self.stats = await self._stats_thread.run(self._stats_source.read)
-        except Exception as exc:  # the next read will do; /metrics shows the last snapshot
-            log.warning("event=stats_unread error=%s", exc)
+        async with self._stats_lock:  # scrapes at once share one reading
+            if self._stats_at is not None and self._clock() - self._stats_at < self.settings.stats_max_age:
+                return
+            try:
+                self.stats = await self._stats_thread.run(self._stats_source.read)
+            except Exception as exc:  # the next scrape tries again; /metrics shows the last snapshot
+                log.warning("event=stats_unread error=%s", exc)
+            else:
+                self._stats_at = self._clock()
 
     async def reconcile_once(self) -> list[Op | str]:
         """Plan and apply against the newest state; nothing at all before the first one."""

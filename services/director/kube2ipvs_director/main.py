@@ -292,7 +292,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         )
         listen_host, port = args.listen
         server = StatusServer(host=listen_hosts(listen_host), port=port, health=app.health, config=app.config,
-                              registry=app.registry, config_token=args.config_token)
+                              registry=app.registry, config_token=args.config_token,
+                              before_metrics=app.read_stats)
         await server.start()
         log.info("event=started role=director listen=%s mode=%s", server.listening, args.mode)
         try:
