@@ -550,9 +550,11 @@ def test_a_creds_file_without_the_nkeys_package_is_a_clear_error(monkeypatch: py
 
 
 
+@pytest.mark.parametrize("chunk", [4096, 64])  # one chunk; sixteen of them
 def test_a_large_batch_of_puts_is_pipelined_and_lands_whole(
-    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
+    monkeypatch.setattr(natskv, "_PIPELINE_CHUNK", chunk)
     careful: list[str] = []
     original = KVPublisher._write
 

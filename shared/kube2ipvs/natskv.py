@@ -75,6 +75,7 @@ DEFAULT_BUCKET: Final = "kube2ipvs"
 _WINDOW: Final = 64
 # Batches at least this large are first sent pipelined (publish_async), see _pipelined_puts.
 _PIPELINE_MIN: Final = 256
+_PIPELINE_CHUNK: Final = 4096  # puts in flight at once on the pipelined path
 # The server removes a watch consumer this long after its subscriber went away. We watch again
 # after every reconnect, so the abandoned consumers must not pile up on the server.
 _WATCH_INACTIVE_SECONDS: Final = 60.0
@@ -398,18 +399,24 @@ class KVPublisher:
             return False
         js = self._link.jetstream()
         prefix = f"$KV.{self._link.settings.bucket}."
-        futures: list[asyncio.Future[Any]] = []
-        try:
-            for w in batch:
-                if w.value is not None:
+        puts = [w for w in batch if w.value is not None]
+        # In chunks, so that a first publish at 10,000 services (~110,000 puts) does not hold
+        # every future and acknowledgement at once; a chunk's wait costs one round trip.
+        for start in range(0, len(puts), _PIPELINE_CHUNK):
+            futures: list[asyncio.Future[Any]] = []
+            try:
+                for w in puts[start:start + _PIPELINE_CHUNK]:
                     futures.append(await js.publish_async(prefix + w.key, w.value))
-            acks = await asyncio.wait_for(asyncio.gather(*futures), self._link.settings.request_timeout * 4)
-        except Exception as exc:  # any failure: fall back to the per-write path, which classifies errors
-            for f in futures:
-                f.cancel()
-            log.debug("event=pipelined_put_failed error=%r (falling back to acknowledged puts)", exc)
-            return False
-        return all(getattr(ack, "stream", None) for ack in acks)
+                acks = await asyncio.wait_for(asyncio.gather(*futures), self._link.settings.request_timeout * 4)
+            except Exception as exc:  # any failure: fall back to the per-write path, which classifies errors
+                for f in futures:
+                    f.cancel()
+                log.debug("event=pipelined_put_failed error=%r (falling back to acknowledged puts)", exc)
+                return False
+            if not all(getattr(ack, "stream", None) for ack in acks):
+                return False
+            del futures, acks
+        return True
 
     async def _drain(self, jobs: Iterator[Write]) -> None:
         for w in jobs:  # shared by the workers of one batch: each write is taken once
