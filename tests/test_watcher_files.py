@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from kube2ipvs_watcher import files as files_module
 from kube2ipvs_watcher.files import FileSource
+from kube2ipvs_watcher.source import KINDS
 
 
 def node(name: str, address: str) -> dict[str, Any]:
@@ -82,3 +84,41 @@ def test_a_rewrite_with_the_same_objects_is_no_event(tmp_path: Path) -> None:
     source.scan()
     write(tmp_path / "a.json", node("n1", "10.0.0.1"))
     assert source.poll() == []
+
+
+def test_a_written_file_is_read_at_once_not_at_the_next_poll(tmp_path: Path) -> None:
+    """inotify wakes the poll: with a 60 s interval, a rename into the directory and an
+    in-place rewrite are both seen within seconds."""
+    import asyncio
+    import time
+
+    write(tmp_path / "a.json", node("n1", "10.0.0.1"))
+    source = FileSource(tmp_path, interval=60.0)
+
+    async def scenario() -> list[tuple[str, float]]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        task = asyncio.create_task(source.run(queue))
+        seen: list[tuple[str, float]] = []
+        try:
+            for _ in range(len(KINDS)):
+                await asyncio.wait_for(queue.get(), 10)  # the first Resyncs
+            assert source.notified
+            started = time.monotonic()
+            staged = tmp_path / ".b.json.tmp"
+            write(staged, node("n2", "10.0.0.2"))
+            staged.rename(tmp_path / "b.json")
+            item = await asyncio.wait_for(queue.get(), 10)
+            seen.append((f"{item.type} {item.obj['metadata']['name']}", time.monotonic() - started))
+            started = time.monotonic()
+            write(tmp_path / "a.json", node("n1", "10.0.0.9"))
+            item = await asyncio.wait_for(queue.get(), 10)
+            seen.append((f"{item.type} {item.obj['metadata']['name']}", time.monotonic() - started))
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [what for what, _ in seen] == ["ADDED n2", "MODIFIED n1"]
+    assert all(took < 10 for _, took in seen)  # the 60 s poll never ran

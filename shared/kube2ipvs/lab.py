@@ -388,9 +388,10 @@ class Supervisor:
                                  "--server_name", f"kube2ipvs-lab-{self.name}"], ready="Server is ready")
 
     def start_watcher(self) -> None:
-        """The watcher reads the feed (`labplan.feed`), which lists a pod once it serves."""
+        """The watcher reads the feed (`labplan.feed`), which lists a pod once it serves. It
+        reads a new feed when inotify tells it one was renamed in; the 1 s poll is its fallback."""
         self.spawn("watcher", self.ns("ctl"), _kube2ipvs(
-            "watcher", "--source", "files", "--files", str(self.feed_dir), "--files-interval", "0.05",
+            "watcher", "--source", "files", "--files", str(self.feed_dir), "--files-interval", "1",
             "--no-leader-elect", "--default-service", "default/unicorns:http", "--min-interval", "0.02",
             "--nats", self.nats_url, "--listen", f"{CTL}:{PORTS['watcher']}"))
 

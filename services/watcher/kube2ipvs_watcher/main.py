@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "cluster state to NATS JetStream.")
     add(p, "--source", choices=("kubernetes", "files"), default="kubernetes", help="where objects come from")
     add(p, "--files", metavar="DIR", help="directory of Kubernetes objects (with --source files)")
-    add(p, "--files-interval", type=positive_float, default=1.0, metavar="S", help="poll interval of --files")
+    add(p, "--files-interval", type=positive_float, default=1.0, metavar="S",
+        help="poll interval of --files (inotify reads a change at once; the poll catches what it cannot see)")
     add(p, "--kubeconfig", metavar="FILE", help="kubeconfig (default: in-cluster, then KUBECONFIG, ~/.kube/config)")
     add(p, "--configmap-namespace", default="platform-load-balancer", help="namespace of the LB ConfigMap")
     add(p, "--configmap-name", default="kube2ipvs", help="name of the LB ConfigMap")
