@@ -11,7 +11,15 @@ alternately adding a web pod and removing it again, and measures from the write 
 Requests are made from the client namespace by a thread that entered it, about 1-2 ms each.
 Prints p50/p99/max and writes JSON.
 
-    sudo .venv/bin/python bench/bench_lab.py [--changes 50]
+With --vip-ports N, the same edits are made with N more VIP:ports loaded first (bench_render's
+synthetic cluster: 10 endpoints per VIP:port, 1,000 nodes of which node-1..3 are the lab's):
+their objects are written beside the lab's feed as JSON files of their own, with the lab's
+ConfigMap plus N entries (VIPs in 198.19.0.0/16, node addresses in 198.18.0.0/16, pods that
+exist nowhere: nothing is sent to them). Every service carries the full load, so the change
+path is measured at that scale; the lab's supervisor never reads these files, so its own part
+stays what it is at the lab's size.
+
+    sudo .venv/bin/python bench/bench_lab.py [--changes 50] [--vip-ports 10000]
 """
 
 from __future__ import annotations
@@ -34,10 +42,13 @@ from typing import Any, Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_render import as_list, build_cluster, node_object, service_object, slice_object
 from pyroute2 import netns as pyroute2_netns
 
 from kube2ipvs.cli import main as cli_main
-from kube2ipvs.lab import STATE_ROOT, prefix
+from kube2ipvs.kube import load_objects_text
+from kube2ipvs.lab import PORTS, STATE_ROOT, in_ns, prefix
+from kube2ipvs.labplan import DIRECTORS
 
 NAME: Final = "bench"
 REPO: Final = Path(__file__).resolve().parents[1]
@@ -148,6 +159,86 @@ def measure(client: Client, slices: Path, changes: int) -> dict[str, list[float]
     return got
 
 
+LAB_NODES: Final = ("node-1", "node-2", "node-3")
+SCALE_FILES: Final = 10  # EndpointSlices in this many files (the watcher polls every file's stamp)
+
+
+def scale_vip(index: int) -> str:
+    return f"198.19.{index // 250}.{index % 250 + 1}"
+
+
+def write_scale(feed_dir: Path, cluster: Path, vip_ports: int) -> int:
+    """The synthetic objects beside the lab's feed; returns the VIP:ports a director should hold."""
+    synthetic = build_cluster(vip_ports / 10_000, seed=1)
+    lab_objects = [o for f in sorted(cluster.iterdir()) if f.suffix in (".yaml", ".yml", ".json")
+                   for o in load_objects_text(f.read_bytes(), source=str(f))]
+    configmap = next(o for o in lab_objects if o.get("kind") == "ConfigMap")
+    key, text = next(iter(configmap["data"].items()))
+    doc = json.loads(text)
+    rename = {f"node-{i:04d}": LAB_NODES[i] for i in range(len(LAB_NODES))}  # they get their share
+    lab_label = dict(doc.get("labels") or {})
+    nodes = []
+    for n in synthetic.nodes:
+        if n.name in rename:
+            continue
+        obj = node_object(n)
+        obj["metadata"]["labels"] = {**obj["metadata"]["labels"], **lab_label}
+        nodes.append(obj)
+    slices = []
+    for es in synthetic.slices:
+        obj = slice_object(es)
+        for ep in obj["endpoints"]:
+            ep["nodeName"] = rename.get(ep["nodeName"], ep["nodeName"])
+        slices.append(obj)
+    per_vip = 40
+    for i, svc in enumerate(synthetic.services):
+        port = str(8000 + i % per_vip)
+        doc["config"].setdefault(scale_vip(i // per_vip), {})[port] = {
+            "namespace": svc.namespace, "service": svc.name, "portName": "http"}
+    if doc.get("vipPool") is not None:
+        doc["vipPool"] = [*doc["vipPool"], *(scale_vip(v) for v in range((len(synthetic.services) + per_vip - 1)
+                                                                       // per_vip))]
+    merged = {**configmap, "data": {key: json.dumps(doc, separators=(",", ":"))}}
+
+    def put(name: str, obj: dict[str, Any]) -> None:
+        tmp = feed_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj, separators=(",", ":")))
+        os.replace(tmp, feed_dir / name)
+
+    put("scale-nodes.json", as_list("NodeList", nodes))
+    put("scale-services.json", as_list("ServiceList", [service_object(s, i) for i, s in enumerate(synthetic.services)]))
+    step = (len(slices) + SCALE_FILES - 1) // SCALE_FILES
+    for k in range(SCALE_FILES):
+        put(f"scale-slices-{k:02d}.json", as_list("EndpointSliceList", slices[k * step:(k + 1) * step]))
+    # Written last, and named after objects.json: of the two ConfigMaps, the watcher takes this one.
+    put("zz-scale-configmap.json", merged)
+    return sum(len(ports) for ports in doc["config"].values())
+
+
+def director_detail(host: str) -> dict[str, Any]:
+    done = in_ns(prefix(NAME) + host, "curl", "-sS", "-m", "5",
+                 f"http://{DIRECTORS[host]}:{PORTS['director']}/healthz", timeout=10, check=False)
+    try:
+        detail = json.loads(done.stdout)  # /healthz: ok, reason, and the detail's fields
+    except ValueError:
+        return {}
+    return detail if isinstance(detail, dict) else {}
+
+
+def wait_loaded(vip_ports: int, timeout: float) -> float:
+    """Until both directors hold `vip_ports` virtual services, applied; the seconds it took."""
+    started = time.monotonic()
+    while True:
+        details = [director_detail(h) for h in DIRECTORS]
+        if all(d.get("virtual_services", 0) >= vip_ports and d.get("generation_applied") is not None
+               and d.get("generation_applied") == d.get("generation_desired") for d in details):
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"the directors did not load {vip_ports} VIP:ports within {timeout:.0f} s: "
+                               f"{[(d.get('virtual_services'), d.get('generation_applied')) for d in details]}")
+        time.sleep(2)
+
+
 def figures(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {"p50_ms": round(statistics.median(ordered) * 1000, 1),
@@ -158,8 +249,12 @@ def figures(values: list[float]) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--changes", type=int, default=50)
-    ap.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    ap.add_argument("--vip-ports", type=int, default=0, help="synthetic VIP:ports loaded before the edits")
+    ap.add_argument("--output", type=Path)
     args = ap.parse_args()
+    if args.output is None:
+        args.output = DEFAULT_OUTPUT if not args.vip_ports else \
+            DEFAULT_OUTPUT.with_name(f"bench_lab_{args.vip_ports // 1000}k.json")
     if os.geteuid() != 0:
         print("skipped: needs root (the lab)")
         return 0
@@ -170,21 +265,31 @@ def main() -> int:
     if cli_main(["lab", "up", "--name", NAME, "--cluster", str(cluster)], out=out, err=out) != 0:
         print(out.getvalue())
         return 1
+    loaded: dict[str, Any] = {}
     try:
+        if args.vip_ports:
+            t0 = time.monotonic()
+            total = write_scale(STATE_ROOT / NAME / "cluster", cluster, args.vip_ports)
+            loaded = {"vip_ports": total, "written_s": round(time.monotonic() - t0, 1),
+                      "directors_loaded_s": round(wait_loaded(total, 900), 1)}
+            print(f"loaded {total} VIP:ports: files written in {loaded['written_s']} s, both directors "
+                  f"applied {loaded['directors_loaded_s']} s later", flush=True)
+            time.sleep(10)  # the first resyncs after the load
         got = measure(Client(prefix(NAME) + "client"), cluster / "endpointslices.yaml", args.changes)
     finally:
         cli_main(["lab", "down", "--name", NAME], out=io.StringIO(), err=io.StringIO())
         shutil.rmtree(cluster, ignore_errors=True)
     result: dict[str, Any] = {
         "environment": {"python": platform.python_version(), "kernel": platform.release()},
-        "changes": args.changes, "missed": len(got["missed"]),
+        "changes": args.changes, "missed": len(got["missed"]), "scale": loaded or None,
         "added_pod_first_served": figures(got["added"]) if got["added"] else None,
         "added_pod_started_and_listed": figures(got["listed"]) if got["listed"] else None,
         "added_pod_listed_to_first_served": figures(got["lb"]) if got["lb"] else None,
         "removed_pod_avoided": figures(got["removed"]) if got["removed"] else None,
     }
-    print(f"lab end-to-end convergence over {args.changes} edits of endpointslices.yaml (target p99 < 1000 ms; "
-          "the original design: 0.5 s debounce + 2 s poll + 1 s delay)")
+    at = f", {loaded['vip_ports']} VIP:ports loaded" if loaded else ""
+    print(f"lab end-to-end convergence over {args.changes} edits of endpointslices.yaml{at} (target: listed -> "
+          "served p99 < 100 ms; the original design: 0.5 s debounce + 2 s poll + 1 s delay)")
     for label, key in (("endpoint added -> first request served by it", "added_pod_first_served"),
                        ("  of which: the lab starts the pod and lists it", "added_pod_started_and_listed"),
                        ("  of which: listed -> served (the load balancer)", "added_pod_listed_to_first_served"),
