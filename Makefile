@@ -149,8 +149,13 @@ bench: install
 	$(VPY) bench/bench_maglev.py $(BENCH_ARGS)
 	$(VPY) bench/bench_garp.py
 	$(VPY) bench/bench_dsr.py
-	$(VPY) bench/bench_lab.py
+	$(VPY) bench/bench_lab.py --changes 200
+	$(VPY) bench/bench_lab.py --changes 200 --vip-ports 10000
 	$(VPY) bench/bench_bgp.py $(BENCH_ARGS)
+	$(VPY) bench/bench_change_scaling.py
+	$(VPY) bench/bench_resources.py --scale 0.1 --idle-seconds 30 --load-seconds 30
+	$(VPY) bench/bench_resources.py --idle-seconds 30 --load-seconds 30
+	$(VPY) bench/bench_resources.py --scale 3 --idle-seconds 30 --load-seconds 30
 	bench/run_director_bench.sh $(BENCH_ARGS)
 	$(VPY) bench/report.py
 

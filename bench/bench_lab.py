@@ -1,13 +1,14 @@
 """End-to-end convergence in the lab (issue 8), as root: from an edit of the lab's
-endpointslices.yaml to the traffic effect, through the whole path (the watcher polling the
-files, NATS, the directors and realservers applying, the lab starting or stopping the pod).
+endpointslices.yaml to the traffic effect, through the whole path (the watcher reading the
+feed, NATS, the directors and realservers applying, the lab starting or stopping the pod).
 
 It starts its own lab (`--name bench`) on a copy of lab/cluster/, then makes `--changes` edits,
 alternately adding a web pod and removing it again, and measures from the write of the file:
 - added: until the first request to 192.0.2.10:80 is served by the new pod, split into the lab's
   own part (it starts the pod, then lists it in the feed the watcher reads, as Kubernetes lists a
   pod once it is ready) and the load balancer's (from the feed to the first request served);
-- removed: until the first request after which the next 20 all avoid it.
+- removed: until the first request after which the next 20 all avoid it, split the same way
+  (the lab takes it out of the feed; from there to the first of those requests).
 Requests are made from the client namespace by a thread that entered it, about 1-2 ms each.
 Prints p50/p99/max and writes JSON.
 
@@ -115,18 +116,25 @@ def until_served(client: Client, pod: str, since: float, feed: Path, address: st
     return None
 
 
-def until_avoided(client: Client, pod: str, since: float) -> float | None:
+def until_avoided(client: Client, pod: str, since: float, feed: Path, address: str) -> tuple[float, float] | None:
+    """(seconds until the lab's feed no longer lists the pod, seconds until the first request
+    after which the next AVOID_RUN all avoid it)."""
     run_start: float | None = None
+    unlisted: float | None = None
     run = 0
     while time.monotonic() - since < TIMEOUT:
         t = time.monotonic()
+        if unlisted is None:
+            with contextlib.suppress(OSError):
+                if f'"{address}"' not in feed.read_text():
+                    unlisted = t - since
         answer = client.get()
         if answer is not None and answer != pod:
             run_start = t if run == 0 else run_start
             run += 1
             if run >= AVOID_RUN:
                 assert run_start is not None
-                return run_start - since
+                return (unlisted if unlisted is not None else run_start - since), run_start - since
         else:
             run = 0
     return None
@@ -134,7 +142,8 @@ def until_avoided(client: Client, pod: str, since: float) -> float | None:
 
 def measure(client: Client, slices: Path, changes: int) -> dict[str, list[float]]:
     """Edit `slices` `changes` times (add a web pod, remove it, ...); the delays seen."""
-    got: dict[str, list[float]] = {"added": [], "listed": [], "lb": [], "removed": [], "missed": []}
+    got: dict[str, list[float]] = {"added": [], "listed": [], "lb": [], "removed": [], "unlisted": [],
+                                   "lb_removed": [], "missed": []}
     base = slices.read_text()
     for i in range(changes):
         n = i // 2
@@ -144,8 +153,9 @@ def measure(client: Client, slices: Path, changes: int) -> dict[str, list[float]
         line = ANCHOR.replace("10.244.3.11", address).replace("node-3", node).replace("web-2", pod)
         started = time.monotonic()
         slices.write_text(base.replace(ANCHOR, ANCHOR + line) if i % 2 == 0 else base)
+        feed = STATE_ROOT / NAME / "cluster" / "objects.json"
         if i % 2 == 0:
-            seen = until_served(client, pod, started, STATE_ROOT / NAME / "cluster" / "objects.json", address)
+            seen = until_served(client, pod, started, feed, address)
             if seen is None:
                 got["missed"].append(time.monotonic() - started)
             else:
@@ -153,8 +163,13 @@ def measure(client: Client, slices: Path, changes: int) -> dict[str, list[float]
                 got["added"].append(seen[1])
                 got["lb"].append(seen[1] - seen[0])
         else:
-            took = until_avoided(client, pod, started)
-            got["missed" if took is None else "removed"].append(took or 0.0)
+            gone = until_avoided(client, pod, started, feed, address)
+            if gone is None:
+                got["missed"].append(time.monotonic() - started)
+            else:
+                got["unlisted"].append(gone[0])
+                got["removed"].append(gone[1])
+                got["lb_removed"].append(max(0.0, gone[1] - gone[0]))
         time.sleep(0.3)
     return got
 
@@ -286,6 +301,8 @@ def main() -> int:
         "added_pod_started_and_listed": figures(got["listed"]) if got["listed"] else None,
         "added_pod_listed_to_first_served": figures(got["lb"]) if got["lb"] else None,
         "removed_pod_avoided": figures(got["removed"]) if got["removed"] else None,
+        "removed_pod_unlisted": figures(got["unlisted"]) if got["unlisted"] else None,
+        "removed_pod_unlisted_to_avoided": figures(got["lb_removed"]) if got["lb_removed"] else None,
     }
     at = f", {loaded['vip_ports']} VIP:ports loaded" if loaded else ""
     print(f"lab end-to-end convergence over {args.changes} edits of endpointslices.yaml{at} (target: listed -> "
@@ -293,7 +310,9 @@ def main() -> int:
     for label, key in (("endpoint added -> first request served by it", "added_pod_first_served"),
                        ("  of which: the lab starts the pod and lists it", "added_pod_started_and_listed"),
                        ("  of which: listed -> served (the load balancer)", "added_pod_listed_to_first_served"),
-                       ("endpoint removed -> requests avoid it", "removed_pod_avoided")):
+                       ("endpoint removed -> requests avoid it", "removed_pod_avoided"),
+                       ("  of which: the lab takes it out of the feed", "removed_pod_unlisted"),
+                       ("  of which: unlisted -> avoided (the load balancer)", "removed_pod_unlisted_to_avoided")):
         f = result[key]
         if f:
             print(f"  {label}: p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms, max {f['max_ms']} ms ({f['count']})")

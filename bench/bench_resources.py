@@ -943,8 +943,13 @@ def main() -> int:
                              "(default: the one beside this Python, else py-spy on PATH, if any; '' for none)")
     parser.add_argument("--role-args", action="append", metavar="ROLE=ARGS",
                         help="more flags for one role, repeatable, e.g. director='--resync-interval 60'")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--output", type=Path,
+                        help="default bench/results/bench_resources.json at --scale 1, else "
+                             "bench_resources_<VIP:ports in thousands>k.json (the report's size curve)")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = DEFAULT_OUTPUT if args.scale == 1 else \
+            DEFAULT_OUTPUT.with_name(f"bench_resources_{round(args.scale * 10)}k.json")
     if os.geteuid() != 0:
         print("needs root (network namespaces, nftables)", file=sys.stderr)
         return 2

@@ -215,13 +215,19 @@ def lab_section(d: Doc) -> list[str]:
     def f(key: str) -> str:
         x = d.get(key)
         return f"p50 {x['p50_ms']} ms, p99 {x['p99_ms']} ms, max {x['max_ms']} ms ({x['count']})" if x else "-"
+    scale = d.get("scale") or {}
+    loaded = (f" With {num(scale.get('vip_ports'))} VIP:ports loaded (`--vip-ports`: synthetic services beside "
+              f"the lab's, 10 endpoints each; both directors applied them {scale.get('directors_loaded_s')} s "
+              "after the files were written). Target: listed → served p99 under 100 ms.") if scale else ""
     return ["In the lab (`kube2ipvs lab`), from the write of `endpointslices.yaml`. The original design "
-            "took 0.5 s debounce + 2 s poll + 1 s delay, 3.5 s at least.", "",
+            f"took 0.5 s debounce + 2 s poll + 1 s delay, 3.5 s at least.{loaded}", "",
             *table(("edit", "until"), [
                 ("endpoint added → first request served by it", f("added_pod_first_served")),
                 ("  the lab starts the pod and lists it", f("added_pod_started_and_listed")),
                 ("  listed → served (the load balancer)", f("added_pod_listed_to_first_served")),
                 ("endpoint removed → requests avoid it", f("removed_pod_avoided")),
+                ("  the lab takes it out of the feed", f("removed_pod_unlisted")),
+                ("  unlisted → avoided (the load balancer)", f("removed_pod_unlisted_to_avoided")),
             ])]
 
 
@@ -264,9 +270,15 @@ SECTIONS: Final[tuple[tuple[str, str, Callable[[Doc], list[str]]], ...]] = (
     ("bench_bgp", "BGP speaker with gobgpd and FRR (`bench_bgp.py`, root)", bgp_section),
     ("bench_garp", "Gratuitous ARP (`bench_garp.py`, root)", garp_section),
     ("bench_lab", "End to end in the lab (`bench_lab.py`, root)", lab_section),
+    ("bench_lab_10k", "End to end in the lab at 10,000 VIP:ports (`bench_lab.py --vip-ports 10000`, root)",
+     lab_section),
     ("bench_change_scaling", "One change at 1k, 10k and 30k VIP:ports (`bench_change_scaling.py`)",
      change_scaling_section),
     ("bench_resources", "Memory and CPU of each service (`bench_resources.py`, root)", resources_section),
+    ("bench_resources_1k", "Memory and CPU at 1,000 VIP:ports (`bench_resources.py --scale 0.1`, root)",
+     resources_section),
+    ("bench_resources_30k", "Memory and CPU at 30,000 VIP:ports (`bench_resources.py --scale 3`, root)",
+     resources_section),
 )
 
 
