@@ -151,6 +151,7 @@ bench: install
 	$(VPY) bench/bench_dsr.py
 	$(VPY) bench/bench_lab.py --changes 200
 	$(VPY) bench/bench_lab.py --changes 200 --vip-ports 10000
+	$(VPY) bench/bench_failover.py
 	$(VPY) bench/bench_bgp.py $(BENCH_ARGS)
 	$(VPY) bench/bench_change_scaling.py
 	$(VPY) bench/bench_resources.py --scale 0.1 --idle-seconds 30 --load-seconds 30

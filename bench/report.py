@@ -231,6 +231,24 @@ def lab_section(d: Doc) -> list[str]:
             ])]
 
 
+def failover_section(d: Doc) -> list[str]:
+    def mm(x: Doc | None) -> str:
+        return f"{x['median']} ({x['min']}-{x['max']})" if x else "-"
+    rows = [(f"BGP: {name}", mm(r.get("withdrawn_s")), mm(r.get("tcp_gap_s")), mm(r.get("udp_gap_s")),
+             mm(r.get("tcp_failed")), mm(r.get("udp_failed")))
+            for name, r in (d.get("bgp") or {}).items()]
+    a = d.get("arp") or {}
+    rows.append(("ARP: active director gone", mm(a.get("neighbour_moved_s")), "-", mm(a.get("traffic_back_s")),
+                 "-", mm(a.get("unanswered"))))
+    return [f"dir1 broken {d.get('rounds')} times each way while a client opens a TCP connection and sends a UDP "
+            "request every 20 ms (ARP: a UDP request every 50 ms). Seconds, median (min-max): until the router "
+            "holds the other director alone (ARP: its neighbour entry has the standby's MAC), and the longest run "
+            "of failed requests (ARP: from the director's loss to the next answer); in BGP mode about half the "
+            "flows hash to the broken director. `silent` is the "
+            "BGP hold timer (9 s in the lab), which BFD would shorten.", "",
+            *table(("fault", "router moved s", "TCP gap s", "UDP gap s", "TCP failed", "UDP failed"), rows)]
+
+
 def resources_section(d: Doc) -> list[str]:
     services = d.get("services") or {}
     sizes = d.get("sizes", {})
@@ -272,6 +290,7 @@ SECTIONS: Final[tuple[tuple[str, str, Callable[[Doc], list[str]]], ...]] = (
     ("bench_lab", "End to end in the lab (`bench_lab.py`, root)", lab_section),
     ("bench_lab_10k", "End to end in the lab at 10,000 VIP:ports (`bench_lab.py --vip-ports 10000`, root)",
      lab_section),
+    ("bench_failover", "Director failover, BGP and ARP (`bench_failover.py`, root)", failover_section),
     ("bench_change_scaling", "One change at 1k, 10k and 30k VIP:ports (`bench_change_scaling.py`)",
      change_scaling_section),
     ("bench_resources", "Memory and CPU of each service (`bench_resources.py`, root)", resources_section),
