@@ -37,6 +37,7 @@ from kube2ipvs.protocol import (
     plan_writes,
     service_key,
 )
+from kube2ipvs.statusserver import source_detail
 from kube2ipvs_director.host import FakeHost
 from kube2ipvs_director.kernel import FakeIpvs
 from kube2ipvs_realserver.kernel import FakeKernel
@@ -457,9 +458,19 @@ def test_foreign_values_in_a_real_bucket_hand_nothing_over_and_the_republished_s
                     await pub.publish([Write(k, v) for k, v in writes.items()])
                 await status_says(slices, "values rejected: " + TARGET["node"])
                 await status_says(states, "syncing: ")
+                # What /healthz shows of them (statusserver.source_detail): each refused key and why.
+                assert set(states.rejected) == {TARGET["vs"], TARGET["vips"]}, states.rejected
+                assert set(slices.rejected) == {TARGET["node"]}, slices.rejected
+                assert "version 2" in slices.rejected[TARGET["node"]]
+                detail = source_detail(slices)
+                assert detail["rejected_values"] == 1
+                assert list(detail["rejected"]) == [TARGET["node"]]
                 await pub.publish(plan_writes(None, encode_state(STATE)))  # the watcher's next full publish
                 await status_says(states, "in sync")
                 await status_says(slices, "in sync")
+                assert states.rejected == {}
+                assert slices.rejected == {}
+                assert source_detail(states) == {"state_source": "in sync", "rejected_values": 0}
             finally:
                 collector.cancel()
                 await asyncio.gather(collector, return_exceptions=True)
@@ -467,3 +478,16 @@ def test_foreign_values_in_a_real_bucket_hand_nothing_over_and_the_republished_s
             assert all(s == good_slice for s in handed_slices)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_health_shows_the_first_refused_keys_and_how_many_there_are() -> None:
+    class Source:
+        def __init__(self) -> None:
+            self.status = "syncing: vs.a"
+            self.rejected = {f"vs.{i:03d}": "not JSON" for i in range(25)}
+
+    detail = source_detail(Source())
+    assert detail["state_source"] == "syncing: vs.a"
+    assert detail["rejected_values"] == 25
+    assert list(detail["rejected"]) == [f"vs.{i:03d}" for i in range(10)]
+    assert source_detail(None) == {}

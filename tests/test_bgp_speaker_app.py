@@ -275,6 +275,8 @@ class Source:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[ClusterState] = asyncio.Queue()
         self.connected = True
+        self.status = "in sync"
+        self.rejected: dict[str, str] = {}
 
     async def states(self) -> AsyncIterator[ClusterState]:
         while True:

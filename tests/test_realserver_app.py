@@ -22,10 +22,13 @@ SETTINGS = Settings(interface="eth0")
 
 
 class Slices:
-    """A slice source the test feeds; `connected` is what /healthz reports."""
+    """A slice source the test feeds; `connected`, `status` and `rejected` are what /healthz
+    reports of it."""
 
     def __init__(self) -> None:
         self.connected = True
+        self.status = "in sync"
+        self.rejected: dict[str, str] = {}
         self._queue: asyncio.Queue[NodeSlice] = asyncio.Queue()
 
     def put(self, s: NodeSlice) -> None:

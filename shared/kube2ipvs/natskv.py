@@ -547,6 +547,13 @@ class _Subscriber(Generic[T]):
         self._closed = False
         self._status = "connecting"
         self._updated_at: float | None = None
+        self._rejected: Mapping[str, str] = {}
+
+    @property
+    def rejected(self) -> Mapping[str, str]:
+        """The keys whose current value was refused, and why (`event=value_rejected`): what
+        this consumer does not apply until the watcher writes them again."""
+        return self._rejected
 
     @property
     def connected(self) -> bool:
@@ -765,6 +772,8 @@ class StateSubscriber(_Subscriber[ClusterState]):
                 if key in assembler.problems:
                     log.error("event=value_rejected key=%s error=%s", key, assembler.problems[key])
                 pending = pending or key == META_KEY
+            if assembler.problems or self._rejected:  # (a copy: /healthz reads it between bursts)
+                self._rejected = dict(assembler.problems)
             if not pending:
                 continue
             missing = assembler.missing()
@@ -839,6 +848,8 @@ class NodeSliceSubscriber(_Subscriber[NodeSlice]):
                 assembler.update(key, value)
                 if key in assembler.problems:  # the assembler leaves the service out
                     log.error("event=value_rejected key=%s error=%s", key, assembler.problems[key])
+            if assembler.problems or self._rejected:  # (a copy: /healthz reads it between bursts)
+                self._rejected = dict(assembler.problems)
             if not replayed:
                 continue
             if not published:

@@ -12,7 +12,7 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -37,6 +37,31 @@ class ConfigRequestError(ValueError):
 
 
 ConfigHandler = Callable[[Mapping[str, str]], Awaitable[ConfigResponse] | ConfigResponse]
+
+
+REJECTED_SHOWN: Final = 10
+
+
+class SubscriberStatus(Protocol):
+    """What a consumer's state source says about itself (kube2ipvs.natskv's subscribers)."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def rejected(self) -> Mapping[str, str]: ...
+
+
+def source_detail(source: SubscriberStatus | None) -> dict[str, Any]:
+    """What a consumer's /healthz says about its NATS subscriber: its status line and the values
+    it refused (`event=value_rejected`), the first REJECTED_SHOWN of them by key. A refused value
+    does not make the consumer unhealthy: it keeps applying its last good state, and a director
+    reported unhealthy would have its routes withdrawn over one bad value."""
+    if source is None:
+        return {}
+    rejected = source.rejected
+    return {"state_source": source.status, "rejected_values": len(rejected),
+            **({"rejected": {k: rejected[k] for k in sorted(rejected)[:REJECTED_SHOWN]}} if rejected else {})}
 
 
 def json_response(doc: object, status: int = 200) -> ConfigResponse:

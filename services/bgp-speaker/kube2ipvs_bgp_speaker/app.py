@@ -41,7 +41,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kube2ipvs.backoff import Backoff
 from kube2ipvs.model import ClusterState
-from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
+from kube2ipvs.statusserver import (
+    ConfigRequestError,
+    ConfigResponse,
+    Health,
+    SubscriberStatus,
+    json_response,
+    source_detail,
+    text_response,
+)
 from kube2ipvs_bgp_speaker.errors import (
     ApplyError,
     GobgpError,
@@ -102,7 +110,7 @@ class Gobgpd(Protocol):
     async def apply(self, ops: Sequence[RouteOp]) -> None: ...
 
 
-class StateSource(Protocol):
+class StateSource(SubscriberStatus, Protocol):
     @property
     def connected(self) -> bool: ...
 
@@ -511,6 +519,7 @@ class SpeakerApp:
         in_force = self.in_force()
         detail: dict[str, Any] = {
             "nats_connected": self._source.connected if self._source is not None else None,
+            **source_detail(self._source),
             "generation": self.state.generation if self.state else None,
             "gobgpd_reachable": self.gobgpd_error is None,
             "peers": dict(sorted(self.peers.items())),

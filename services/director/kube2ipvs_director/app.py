@@ -48,7 +48,15 @@ from prometheus_client.registry import Collector
 from kube2ipvs.ipvs import IpvsService, Mode, desired_service
 from kube2ipvs.model import ClusterState, VirtualService
 from kube2ipvs.render.ipvsadm import service_lines
-from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
+from kube2ipvs.statusserver import (
+    ConfigRequestError,
+    ConfigResponse,
+    Health,
+    SubscriberStatus,
+    json_response,
+    source_detail,
+    text_response,
+)
 from kube2ipvs.workers import KernelThread
 from kube2ipvs_director.garp import GarpSchedule
 from kube2ipvs_director.kernel import ApplyError, Ipvs, KernelError, ServiceStats
@@ -77,7 +85,7 @@ FORMATS: Final = ("ipvsadm", "desired", "json")
 DEFAULT_STATE_FILE: Final = "/run/kube2ipvs/director.json"
 
 
-class StateSource(Protocol):
+class StateSource(SubscriberStatus, Protocol):
     @property
     def connected(self) -> bool: ...
 
@@ -780,6 +788,7 @@ class DirectorApp:
             "mode": self.settings.mode,
             "active": self.active,
             "nats_connected": self._source.connected if self._source is not None else None,
+            **source_detail(self._source),
             "generation_desired": self.state.generation if self.state else None,
             "generation_applied": self.applied.generation if self.applied else None,
             "virtual_services": len(self.desired),

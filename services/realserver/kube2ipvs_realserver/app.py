@@ -31,7 +31,15 @@ from kube2ipvs.lbconfig import canonical_address
 from kube2ipvs.model import service_to_dict
 from kube2ipvs.protocol import NodeSlice
 from kube2ipvs.render.iptables import render_iptables
-from kube2ipvs.statusserver import ConfigRequestError, ConfigResponse, Health, json_response, text_response
+from kube2ipvs.statusserver import (
+    ConfigRequestError,
+    ConfigResponse,
+    Health,
+    SubscriberStatus,
+    json_response,
+    source_detail,
+    text_response,
+)
 from kube2ipvs.workers import KernelThread
 from kube2ipvs_realserver.kernel import Counters, Kernel
 from kube2ipvs_realserver.plan import (
@@ -63,7 +71,7 @@ _KINDS: Final = {
 }
 
 
-class SliceSource(Protocol):
+class SliceSource(SubscriberStatus, Protocol):
     @property
     def connected(self) -> bool: ...
 
@@ -277,6 +285,7 @@ class RealserverApp:
         detail: dict[str, Any] = {
             "node": self.slice.node if self.slice else None,
             "nats_connected": self._source.connected if self._source is not None else None,
+            **source_detail(self._source),
             "vips": sorted(desired.vips) if desired else [],
             "services": len(desired.services) if desired else 0,
             "sysctls": {f"{d}/{n}": v for (d, n), v in sorted(observed.sysctls.items())} if observed else {},
