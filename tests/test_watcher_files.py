@@ -122,3 +122,14 @@ def test_a_written_file_is_read_at_once_not_at_the_next_poll(tmp_path: Path) -> 
     seen = asyncio.run(scenario())
     assert [what for what, _ in seen] == ["ADDED n2", "MODIFIED n1"]
     assert all(took < 10 for _, took in seen)  # the 60 s poll never ran
+
+
+def test_an_object_whose_kind_is_not_a_string_is_ignored_not_a_crash(tmp_path: Path) -> None:
+    """Found by atheris (tests/fuzz): `"kind": {}` made the file source raise TypeError (an
+    unhashable dict looked up in a dict), which ended the watcher's source task."""
+    (tmp_path / "a.json").write_text(json.dumps({"kind": "List", "items": [
+        {"kind": {}, "metadata": {"name": "x"}}, {"kind": ["Node"], "metadata": {"name": "y"}},
+        node("n1", "10.0.0.1")]}))
+    source = FileSource(tmp_path)
+    assert list(source.scan()) == [("Node", "n1")]
+    assert source.poll() == []

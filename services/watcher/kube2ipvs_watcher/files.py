@@ -199,7 +199,8 @@ class FileSource:
         self.errors.pop(str(path), None)
         found: dict[ObjKey, dict[str, Any]] = {}
         for obj in objects:
-            kind = _KINDS.get(obj.get("kind"))
+            given = obj.get("kind")
+            kind = _KINDS.get(given) if isinstance(given, str) else None  # a dict there is unhashable
             if kind is not None:
                 found[(kind, object_key(obj))] = obj
         return found
@@ -263,7 +264,7 @@ def _stub(key: ObjKey) -> dict[str, Any]:
     return {"kind": key[0], "metadata": metadata}
 
 
-_KINDS: dict[object, Kind] = {k: k for k in KINDS}
+_KINDS: dict[str, Kind] = {k: k for k in KINDS}
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
