@@ -13,8 +13,9 @@ again, then repairs dir1 and waits for both routes to be back:
   as when a host hangs or its link fails behind a switch that keeps the router's port up (the
   lab's fabric is a bridge, so a link down looks the same to the router): only the BGP hold
   timer (9 s in the lab; a production deployment would add BFD) tells FRR.
-The gap is the longest run of failed requests, from the first failure to the next answer;
-about half the flows hash to dir1, so about half the requests of that time fail.
+The gap is the window in which requests failed, from the first failed request's start to the
+last one's end (a failed TCP request waits 2 s, a UDP one 1 s); about half the flows hash to
+dir1, so about half the requests of that time fail.
 
 ARP, the two-director topology of tests/root/test_arp_failover_netns.py (a router bridge, a
 NATS lease with a 1.5 s TTL, gratuitous ARP): the active director's process and link go away
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -49,7 +49,7 @@ from typing import Any, Final
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kube2ipvs.cli import main as cli_main
-from kube2ipvs.lab import STATE_ROOT, lab_control, prefix
+from kube2ipvs.lab import lab_control, prefix, router_routes
 from kube2ipvs.labplan import DIRECTORS
 
 REPO: Final = Path(__file__).resolve().parents[1]
@@ -78,19 +78,7 @@ def until(what: str, check: Callable[[], bool], seconds: float = 60.0) -> float:
 
 
 def frr_hops() -> dict[str, set[str]]:
-    done = subprocess.run(["vtysh", "--vty_socket", str(STATE_ROOT / NAME / "frr"), "-c", "show ip route json"],
-                          capture_output=True, text=True, timeout=10, check=False)
-    try:
-        rib = json.loads(done.stdout)
-    except ValueError:
-        return {}
-    hops: dict[str, set[str]] = {}
-    for vip in VIPS:
-        for route in rib.get(vip, []):
-            if route.get("installed"):
-                hops.setdefault(vip, set()).update(h["ip"] for h in route.get("nexthops", [])
-                                                   if h.get("active") and "ip" in h)
-    return hops
+    return router_routes(NAME, VIPS)
 
 
 def both_routes() -> bool:
@@ -148,6 +136,14 @@ def lab_status() -> str:
     return out.getvalue()
 
 
+def failure_window(samples: list[Any], protocol: str) -> float:
+    """From the first failed request's start to the last one's end: with ECMP only the flows
+    hashed to the broken director fail, so failures interleave with answers through the other
+    one, and the longest run of consecutive failures would understate the outage."""
+    failed = [s for s in samples if s.protocol == protocol and s.answer is None]
+    return max(s.start + s.took for s in failed) - min(s.start for s in failed) if failed else 0.0
+
+
 def bgp_rounds(rounds: int) -> dict[str, list[dict[str, float]]]:
     from tests.root.test_faults_lab import Prober, traffic
 
@@ -168,13 +164,14 @@ def bgp_rounds(rounds: int) -> dict[str, list[dict[str, float]]]:
                 time.sleep(1.0)
                 samples = prober.since(started)
                 seen = {p: traffic(samples, p) for p in ("tcp", "udp")}
+                window = {p: failure_window(samples, p) for p in ("tcp", "udp")}
                 row = {"withdrawn_s": round(withdrawn, 3), "routes_back_after_repair_s": round(back, 3),
-                       **{f"{p}_gap_s": round(t.outage, 3) for p, t in seen.items()},
+                       **{f"{p}_gap_s": round(w, 3) for p, w in window.items()},
                        **{f"{p}_failed": t.failed for p, t in seen.items()},
                        **{f"{p}_requests": t.requests for p, t in seen.items()}}
                 results[name].append(row)
-                print(f"  round {r + 1} {name}: FRR had dir2 alone after {withdrawn:.2f} s; gap tcp "
-                      f"{seen['tcp'].outage:.2f} s ({seen['tcp'].failed} failed), udp {seen['udp'].outage:.2f} s "
+                print(f"  round {r + 1} {name}: FRR had dir2 alone after {withdrawn:.2f} s; failures over "
+                      f"{window['tcp']:.2f} s for tcp ({seen['tcp'].failed} failed), {window['udp']:.2f} s for udp "
                       f"({seen['udp'].failed} failed); both routes back {back:.2f} s after the repair", flush=True)
     finally:
         prober.stop()
@@ -184,11 +181,10 @@ def bgp_rounds(rounds: int) -> dict[str, list[dict[str, float]]]:
 # -- ARP ------------------------------------------------------------------------------------------
 
 def arp_rounds(rounds: int) -> list[dict[str, float]]:
+    """tests/root/test_arp_failover_netns.py's scenario, `rounds` times, each in a new topology."""
     from tests.natsfixture import running_nats_server
     from tests.root.conftest import Lab
-    from tests.root.test_arp_failover_netns import VIP as ARP_VIP
-    from tests.root.test_arp_failover_netns import Prober, director, router_mac_for, topology
-    from tests.root.test_dsr_netns import NODES, state
+    from tests.root.test_arp_failover_netns import failover_round, topology
 
     from kube2ipvs.natskv import NatsSettings
 
@@ -201,67 +197,16 @@ def arp_rounds(rounds: int) -> list[dict[str, float]]:
             with running_nats_server(workdir / "nats") as server:
                 nats = NatsSettings(servers=(server.url,), reconnect_wait=0.1, connect_timeout=1.0,
                                     request_timeout=2.0)
-                results.append(asyncio.run(_arp_round(nats, router, a_ns, b_ns, Prober(client),
-                                                      state(1, list(NODES), ARP_VIP), director, router_mac_for)))
-            row = results[-1]
-            print(f"  round {r + 1} ARP: router moved to the standby after {row['neighbour_moved_s']:.2f} s; "
-                  f"answers again after {row['traffic_back_s']:.2f} s ({row['unanswered']:.0f} of "
-                  f"{row['requests']:.0f} requests unanswered)", flush=True)
+                took = asyncio.run(failover_round(router, a_ns, b_ns, client, nats))
         finally:
             lab.close()
             shutil.rmtree(workdir, ignore_errors=True)
+        results.append({"neighbour_moved_s": round(took.neighbour_moved, 3),
+                        "traffic_back_s": round(took.traffic_back, 3),
+                        "unanswered": float(took.unanswered), "requests": float(took.requests)})
+        print(f"  round {r + 1} ARP: router moved to the standby after {took.neighbour_moved:.2f} s; answers again "
+              f"after {took.traffic_back:.2f} s ({took.unanswered} of {took.requests} requests unanswered)", flush=True)
     return results
-
-
-async def _arp_round(nats: Any, router: Any, a_ns: Any, b_ns: Any, prober: Any, target: Any,
-                     director: Any, router_mac_for: Any) -> dict[str, float]:
-    a, a_sender, a_lease = director(a_ns, "a0", nats, "dir-a")
-    b, b_sender, b_lease = director(b_ns, "b0", nats, "dir-b")
-    await a_lease.start()
-    await b_lease.start()
-    a_task = asyncio.create_task(a.run())
-    b_task: asyncio.Task[None] | None = None
-
-    async def wait(check: Callable[[], bool], seconds: float) -> float:
-        start = time.monotonic()
-        while not check():
-            if time.monotonic() - start > seconds:
-                raise TimeoutError(f"not within {seconds} s")
-            await asyncio.sleep(0.02)
-        return time.monotonic() - start
-
-    try:
-        a.offer(target)
-        await wait(lambda: router_mac_for(router) == a_sender.mac.hex(":"), 10)
-        b.offer(target)
-        b_task = asyncio.create_task(b.run())
-        await asyncio.sleep(3.0)
-        prober.start()
-        await wait(lambda: prober.answered_since(0) is not None, 5)
-        a_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await a_task
-        a_ns.ip("link", "set", "a0", "down")
-        gone = time.monotonic()
-        moved = await wait(lambda: router_mac_for(router) == b_sender.mac.hex(":"), 15)
-        back = await wait(lambda: prober.answered_since(gone) is not None, 15)
-        back_s = prober.answered_since(gone)
-        await asyncio.sleep(1.0)
-        after = [ok for sent, ok in prober.results if sent >= gone]
-        return {"neighbour_moved_s": round(moved, 3),
-                "traffic_back_s": round(back_s if back_s is not None else back, 3),
-                "unanswered": float(sum(1 for ok in after if not ok)), "requests": float(len(after))}
-    finally:
-        prober.stop.set()
-        for task in (a_task, b_task):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        for app, sender, lease in ((a, a_sender, a_lease), (b, b_sender, b_lease)):
-            app.close()
-            sender.close()
-            await lease.close()
 
 
 def summary(rows: list[dict[str, float]], key: str) -> dict[str, float]:

@@ -37,7 +37,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -798,6 +798,24 @@ def all_health(record: Record) -> dict[str, dict[str, Any]]:
         if address:
             endpoints[f"realserver-{node}"] = (ns, f"http://{address}/healthz")
     return {key: _health(ns, url) for key, (ns, url) in sorted(endpoints.items())}
+
+
+def router_routes(name: str, prefixes: Iterable[str], *, root: Path = STATE_ROOT) -> dict[str, set[str]]:
+    """The lab router's installed next hops for each of `prefixes` (FRR's RIB, through vtysh on
+    the lab's FRR socket); a prefix without an installed route is absent."""
+    done = subprocess.run(["vtysh", "--vty_socket", str(state_dir(name, root) / "frr"), "-c", "show ip route json"],
+                          capture_output=True, text=True, timeout=10, check=False)
+    try:
+        rib = json.loads(done.stdout)
+    except ValueError:
+        return {}
+    hops: dict[str, set[str]] = {}
+    for prefix_ in prefixes:
+        for route in rib.get(prefix_, []):
+            if route.get("installed"):
+                hops.setdefault(prefix_, set()).update(h["ip"] for h in route.get("nexthops", [])
+                                                       if h.get("active") and "ip" in h)
+    return hops
 
 
 def status(name: str, *, root: Path = STATE_ROOT) -> dict[str, Any]:

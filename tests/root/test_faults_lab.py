@@ -37,7 +37,7 @@ from typing import Any, Final
 import pytest
 
 from kube2ipvs.cli import main
-from kube2ipvs.lab import STATE_ROOT, lab_control, prefix
+from kube2ipvs.lab import STATE_ROOT, lab_control, prefix, router_routes
 from kube2ipvs.labplan import DIRECTORS
 from tests.root.labfixture import running_lab
 
@@ -313,20 +313,8 @@ def nft_monitor(host: str) -> Iterator[list[str]]:
 
 
 def frr_routes() -> dict[str, set[str]]:
-    """The router's installed next hops for each VIP (FRR's RIB, through vtysh)."""
-    done = subprocess.run(["vtysh", "--vty_socket", str(STATE_ROOT / NAME / "frr"), "-c", "show ip route json"],
-                          capture_output=True, text=True, timeout=10, check=False)
-    try:
-        rib = json.loads(done.stdout)
-    except ValueError:
-        return {}
-    hops: dict[str, set[str]] = {}
-    for vip in VIPS:
-        for route in rib.get(vip, []):
-            if route.get("installed"):
-                hops.setdefault(vip, set()).update(h["ip"] for h in route.get("nexthops", [])
-                                                   if h.get("active") and "ip" in h)
-    return hops
+    """The router's installed next hops for each VIP."""
+    return router_routes(NAME, VIPS)
 
 
 def bgp_sessions_dropped() -> dict[str, int]:
