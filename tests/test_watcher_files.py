@@ -133,3 +133,45 @@ def test_an_object_whose_kind_is_not_a_string_is_ignored_not_a_crash(tmp_path: P
     source = FileSource(tmp_path)
     assert list(source.scan()) == [("Node", "n1")]
     assert source.poll() == []
+
+
+def test_a_poll_of_the_names_inotify_gave_looks_at_those_files_alone(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(5):
+        write(tmp_path / f"{i}.json", node(f"n{i}", f"10.0.0.{i + 1}"))
+    source = FileSource(tmp_path)
+    source.scan()
+
+    def no_listing() -> dict[str, tuple[int, int]]:
+        raise AssertionError("the directory was listed")
+
+    monkeypatch.setattr(source, "_list", no_listing)
+    write(tmp_path / "3.json", node("n3", "10.0.0.99"))
+    (tmp_path / "1.json").unlink()
+    write(tmp_path / "9.json", node("n9", "10.0.0.9"))
+    events = source.poll({"3.json", "1.json", "9.json", ".9.json.tmp", "notes.txt"})
+    assert summary(events) == [("DELETED", "Node", "n1"), ("MODIFIED", "Node", "n3"), ("ADDED", "Node", "n9")]
+    assert source.poll({"2.json"}) == []  # named but unchanged
+
+
+def test_inotify_events_name_the_files_and_an_overflow_asks_for_everything(tmp_path: Path) -> None:
+    from kube2ipvs_watcher.files import DirectoryNotify
+
+    notify = DirectoryNotify.open(tmp_path)
+    assert notify is not None
+    try:
+        write(tmp_path / "a.json", node("n1", "10.0.0.1"))
+        (tmp_path / ".b.tmp").write_text("{}")
+        (tmp_path / ".b.tmp").rename(tmp_path / "b.json")
+        (tmp_path / "a.json").unlink()
+        notify.drain()
+        assert notify.take() == {"a.json", ".b.tmp", "b.json"}
+        assert notify.take() == set()
+        # More events than the kernel queues (each file: IN_CREATE and IN_CLOSE_WRITE): an overflow.
+        queued = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+        for i in range(queued // 2 + 100):
+            os.close(os.open(tmp_path / f".x{i}", os.O_CREAT | os.O_WRONLY))
+        notify.drain()
+        assert notify.take() is None  # a full poll: the names that fit say nothing of the others
+    finally:
+        notify.close()

@@ -27,6 +27,8 @@ import json
 import logging
 import marshal
 import os
+import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -68,6 +70,7 @@ class FileSource:
         self._holders: dict[ObjKey, set[str]] = {}  # the files that hold each object
         self._view: dict[ObjKey, bytes] = {}  # the fingerprint of each object in force
         self._pending: set[ObjKey] = set()  # judged again next poll (its file changed under a read)
+        self._recheck: set[str] = set()  # files the next poll reads, whatever inotify names
         self.errors: dict[str, str] = {}  # file -> why its last read failed (for /config and logs)
         self.notified = False  # inotify wakes the polls (else they run every `interval` only)
 
@@ -84,10 +87,12 @@ class FileSource:
                 sink.put_nowait(Resync(kind, tuple(o for (k, _), o in sorted(current.items()) if k == kind)))
             del current  # the core keeps its own parsed form; these dicts go with the Resyncs
             while True:
+                names: set[str] | None = None  # the interval ran out: every file
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), self.interval)
+                    names = notify.take() if notify is not None else None
                 wake.clear()
-                for item in self.poll():
+                for item in self.poll(names):
                     sink.put_nowait(item)
         finally:
             if notify is not None:
@@ -108,12 +113,17 @@ class FileSource:
                 objects[key] = obj
         return objects
 
-    def poll(self) -> list[ObjectEvent]:
-        """The events since the last poll (or scan): one per object added, changed or deleted."""
-        return self._poll()[0]
+    def poll(self, names: set[str] | None = None) -> list[ObjectEvent]:
+        """The events since the last poll (or scan): one per object added, changed or deleted.
+        With `names` (what inotify reported), only those files are looked at."""
+        return self._poll(names)[0]
 
-    def _poll(self) -> tuple[list[ObjectEvent], dict[str, dict[ObjKey, dict[str, Any]]]]:
-        listed = self._list()
+    def _poll(self, names: set[str] | None = None
+              ) -> tuple[list[ObjectEvent], dict[str, dict[ObjKey, dict[str, Any]]]]:
+        if names is not None:
+            names, self._recheck = names | self._recheck, set()
+        listed = self._list() if names is None else self._stat(names)
+        considered = self._files.keys() if names is None else names
         fresh: dict[str, dict[ObjKey, dict[str, Any]]] = {}
         affected, self._pending = self._pending, set()
         for path, stamp in listed.items():
@@ -136,7 +146,7 @@ class FileSource:
                 if known.prints.get(k) != p:
                     affected.add(k)
             known.prints = prints
-        for gone in [p for p in self._files if p not in listed]:
+        for gone in [p for p in considered if p in self._files and p not in listed]:
             for k in self._files.pop(gone).prints:
                 self._holders[k].discard(gone)
                 affected.add(k)
@@ -161,6 +171,7 @@ class FileSource:
             if obj is None:  # rewritten since its last read: read it again next poll
                 self._files[owner].stamp = (-1, -1)
                 self._pending.add(key)
+                self._recheck.add(owner)
                 continue
             self._view[key] = now
             events.append(ObjectEvent(key[0], "ADDED" if before is None else "MODIFIED", obj))
@@ -188,6 +199,20 @@ class FileSource:
         self.errors.pop(str(self.directory), None)
         return listed
 
+    def _stat(self, names: set[str]) -> dict[str, tuple[int, int]]:
+        """The stamps of `names` that are object files now (the others are gone, or never were)."""
+        found: dict[str, tuple[int, int]] = {}
+        for name in names:
+            if not name.endswith(SUFFIXES) or "/" in name:
+                continue
+            try:
+                st = os.stat(self.directory / name)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[name] = (st.st_mtime_ns, st.st_size)
+        return found
+
     def _read(self, name: str) -> dict[ObjKey, dict[str, Any]] | None:
         path = self.directory / name
         try:
@@ -213,16 +238,23 @@ class FileSource:
         return {k: o for k, o in objects.items() if known.prints.get(k) == fingerprint(o)}
 
 
+_EVENT: Final = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+_IN_Q_OVERFLOW: Final = 0x4000
+
+
 class DirectoryNotify:
     """inotify(7) on the directory: a file closed after writing, renamed in or out, created,
     deleted or touched wakes the poll at once, so a change is read in about a millisecond and
     the poll interval only bounds what inotify cannot see (e.g. a file system shared over the
-    network). Not IN_MODIFY: a file is read once its writer closed it, not half-written."""
+    network). Not IN_MODIFY: a file is read once its writer closed it, not half-written. The
+    events name the files, so a wake stats those alone, not every file of the directory."""
 
     MASK: Final = 0x8 | 0x4 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # CLOSE_WRITE ATTRIB MOVED_* CREATE DELETE*
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.names: set[str] = set()
+        self.everything = False
 
     @classmethod
     def open(cls, directory: Path) -> DirectoryNotify | None:
@@ -249,9 +281,25 @@ class DirectoryNotify:
         event.set()
 
     def drain(self) -> None:
+        """Read the queued events: the names they carry go to `names`; a queue overflow (or an
+        event about the directory itself) sets `everything`, for a full poll."""
         with contextlib.suppress(BlockingIOError):
-            while os.read(self.fd, 65536):
-                pass
+            while data := os.read(self.fd, 65536):
+                offset = 0
+                while offset + _EVENT.size <= len(data):
+                    _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                    raw = data[offset + _EVENT.size:offset + _EVENT.size + length].rstrip(b"\0")
+                    offset += _EVENT.size + length
+                    if mask & _IN_Q_OVERFLOW or not raw:
+                        self.everything = True
+                    else:
+                        self.names.add(os.fsdecode(raw))
+
+    def take(self) -> set[str] | None:
+        """The names changed since the last take; None: poll everything."""
+        names, everything = self.names, self.everything
+        self.names, self.everything = set(), False
+        return None if everything else names
 
     def close(self) -> None:
         os.close(self.fd)
