@@ -98,7 +98,7 @@ from bench.bench_watcher import compact_config
 from tests.natsfixture import nats_server_binary
 
 from kube2ipvs.kube import SERVICE_NAME_LABEL, parse_endpointslices, parse_nodes, parse_services
-from kube2ipvs.lbconfig import LBConfig
+from kube2ipvs.lbconfig import MAX_CONFIG_BYTES, LBConfig
 from kube2ipvs.model import ClusterState, service_to_dict
 from kube2ipvs.normalize import normalize
 from kube2ipvs_watcher.files import FileSource
@@ -281,9 +281,10 @@ class ClusterFiles:
         self.nodes = [node_object(n) for n in cluster.nodes]
         self.services = [service_object(s, i) for i, s in enumerate(cluster.services)]
         self.slices = [slice_object(es) for es in cluster.slices]
+        self.config_text = compact_config(cluster.config_doc)
         self.configmap = {"apiVersion": "v1", "kind": "ConfigMap",
                           "metadata": {"namespace": "platform-load-balancer", "name": "kube2ipvs"},
-                          "data": {"lb": compact_config(cluster.config_doc)}}
+                          "data": {"lb": self.config_text}}
         self.vip_ports = len(cluster.services)
         self.endpoints = sum(len(s["endpoints"]) for s in self.slices)
 
@@ -779,6 +780,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     rng = random.Random(7)
     print(f"building the cluster at scale {args.scale} ...", file=sys.stderr)
     files = ClusterFiles(args.scale, workdir / "cluster")
+    config_bytes = len(files.config_text.encode())
+    if config_bytes > MAX_CONFIG_BYTES:  # the watcher would refuse it, and nothing would converge
+        raise SystemExit(f"at scale {args.scale} the LB config is {config_bytes:,} bytes, over the "
+                         f"{MAX_CONFIG_BYTES:,} a ConfigMap value can hold, and the watcher refuses it: "
+                         "with these names about 10,600 VIP:ports fit (scale 1.06)")
     files.write_all()
     node = busiest_node(files.state())
     want = Expected.of(files, node)

@@ -242,9 +242,10 @@ def failover_section(d: Doc) -> list[str]:
                  "-", mm(a.get("unanswered"))))
     return [f"dir1 broken {d.get('rounds')} times each way while a client opens a TCP connection and sends a UDP "
             "request every 20 ms (ARP: a UDP request every 50 ms). Seconds, median (min-max): until the router "
-            "holds the other director alone (ARP: its neighbour entry has the standby's MAC), and the longest run "
-            "of failed requests (ARP: from the director's loss to the next answer); in BGP mode about half the "
-            "flows hash to the broken director. `silent` is the "
+            "holds the other director alone (ARP: its neighbour entry has the standby's MAC), and the window in "
+            "which requests failed, from the first failed one's start to the last one's end (a failed TCP request "
+            "waits 2 s, a UDP one 1 s; ARP: from the director's loss to the next answer); in BGP mode about half "
+            "the flows hash to the broken director. `silent` is the "
             "BGP hold timer (9 s in the lab), which BFD would shorten.", "",
             *table(("fault", "router moved s", "TCP gap s", "UDP gap s", "TCP failed", "UDP failed"), rows)]
 
@@ -295,8 +296,6 @@ SECTIONS: Final[tuple[tuple[str, str, Callable[[Doc], list[str]]], ...]] = (
      change_scaling_section),
     ("bench_resources", "Memory and CPU of each service (`bench_resources.py`, root)", resources_section),
     ("bench_resources_1k", "Memory and CPU at 1,000 VIP:ports (`bench_resources.py --scale 0.1`, root)",
-     resources_section),
-    ("bench_resources_30k", "Memory and CPU at 30,000 VIP:ports (`bench_resources.py --scale 3`, root)",
      resources_section),
 )
 
