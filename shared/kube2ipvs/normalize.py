@@ -157,6 +157,7 @@ class Normalizer:
         self._vs_at: list[VirtualService | None] = [None] * len(self._order)
         self._digest_at: list[str | None] = [None] * len(self._order)
         self._skips_at: dict[int, tuple[Skip, ...]] = {}
+        self._skips: tuple[Skip, ...] | None = None  # every _skips_at in order; None: to gather again
         self._entries_of: dict[ServiceRef, list[tuple[PortConfig, Protocol]]] = defaultdict(list)
         for entry, protocol in self._order:
             self._entries_of[(entry.namespace, entry.service)].append((entry, protocol))
@@ -223,7 +224,9 @@ class Normalizer:
             self._recompute()
         if self._node_tuple is None:
             self._node_tuple = tuple(self._statuses[name] for name in sorted(self._statuses))
-        skips = [*skipped, *chain.from_iterable(self._skips_at[i] for i in sorted(self._skips_at))]
+        if self._skips is None:  # a sort of every position with skips: only after they changed
+            self._skips = tuple(chain.from_iterable(self._skips_at[i] for i in sorted(self._skips_at)))
+        skips = (*skipped, *self._skips)
         self._seq += 1
         delta = None
         if self._track_digests and self._changed is not None:
@@ -310,10 +313,13 @@ class Normalizer:
                     self._changed[key] = (vs, digest) if vs is not None and digest is not None else None
             self._vs_at[i] = vs
             self._digest_at[i] = digest
-            if skips:
-                self._skips_at[i] = tuple(skips)
-            else:
-                self._skips_at.pop(i, None)
+            now = tuple(skips)
+            if self._skips_at.get(i, ()) != now:
+                self._skips = None
+                if now:
+                    self._skips_at[i] = now
+                else:
+                    del self._skips_at[i]
         self._all_dirty = False
         self._dirty.clear()
 

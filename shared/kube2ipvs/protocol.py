@@ -24,8 +24,10 @@ one complete service, applied as it comes. A one-endpoint change rewrites one `v
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 import json
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -293,7 +295,13 @@ def _address(doc: Mapping[str, Any], key: str) -> str:
 
 def _vip(value: object) -> str | None:
     """The VIP in canonical form, or None when it is not an address a VIP can have."""
-    if not isinstance(value, str) or "%" in value or canonical_address(value) is None:
+    return _vip_text(value) if isinstance(value, str) else None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _vip_text(value: str) -> str | None:
+    """Cached: the same VIPs come in every service value and every `state.vips`."""
+    if "%" in value or canonical_address(value) is None:
         return None
     ip = ipaddress.ip_address(value)
     return str(ip) if usable_as_vip(ip) else None
@@ -461,6 +469,10 @@ class NodeSliceAssembler:
         return NodeSlice(node=self.node, vips=vips, services=services)
 
 
+_DIGEST_OF: Final = operator.itemgetter(2)  # of an Assembler._order entry
+_SERVICE_OF: Final = operator.itemgetter(3)
+
+
 class Assembler:
     """Builds complete states from bucket updates, for consumers that need every service.
 
@@ -474,6 +486,7 @@ class Assembler:
     def __init__(self) -> None:
         self._services: dict[str, tuple[str, VirtualService]] = {}  # key -> (digest, decoded)
         self._vips: bytes | None = None
+        self._vips_decoded: tuple[str, ...] | None = None  # decoded once, when the value comes
         self._nodes: tuple[str, tuple[NodeStatus, ...]] | None = None
         self._manifest: Manifest | None = None
         self.problems: dict[str, str] = {}
@@ -498,9 +511,9 @@ class Assembler:
             if key == META_KEY:
                 self._manifest = decode_meta(value) if value is not None else None
             elif key == VIPS_KEY:
-                self._vips = value
-                if value is not None:
-                    decode_vips(value)  # a value that does not decode keeps the state incomplete
+                self._vips, self._vips_decoded = value, None
+                if value is not None:  # a value that does not decode keeps the state incomplete
+                    self._vips_decoded = decode_vips(value)
             elif key == NODES_KEY:
                 self._nodes = (digest(value), decode_nodes(value)) if value is not None else None
             elif key.startswith(SERVICE_PREFIX):
@@ -539,20 +552,20 @@ class Assembler:
         made (the first one names them all), so a consumer that took that one can follow in
         proportion to the change (kube2ipvs_director.app)."""
         m = self._manifest
-        if m is None or self.missing() or self._vips is None or self._nodes is None:
+        vips = self._vips_decoded
+        if m is None or self.missing() or self._vips is None or vips is None or self._nodes is None:
             return None
         order = self._order
-        digests = tuple([entry[2] for entry in order])
+        digests = tuple(map(_DIGEST_OF, order))
         if content_hash(self._vips, digests) != m.hash:
             return None  # (equal: the state's content_hash is m.hash, computed just now)
-        vips = decode_vips(self._vips)  # decoded once already (`update`): no problem left means it does
         self._seq += 1
         delta = StateDelta(self._lineage, self._seq, self._changed)
         self._changed = {}
         return ClusterState(
             generation=m.generation,
             vips=tuple(vips),
-            services=tuple([entry[3] for entry in order]),
+            services=tuple(map(_SERVICE_OF, order)),
             nodes=self._nodes[1],
             known_digests=digests,
             delta=delta,
