@@ -58,7 +58,16 @@ from kube2ipvs.ipvs import IpvsDest, IpvsService
 from kube2ipvs.lbconfig import Protocol
 from kube2ipvs.render.ipvsadm import service_lines
 from kube2ipvs_director.kernel import KernelError, LinuxIpvs
-from kube2ipvs_director.plan import AddDest, EditDest, Observed, Op, observed_after, plan, service_id
+from kube2ipvs_director.plan import (
+    AddDest,
+    EditDest,
+    Observed,
+    Op,
+    observed_after,
+    plan,
+    service_id,
+    service_order,
+)
 
 SERVICES_AT_SCALE_1: Final = 10_000
 DESTS_PER_SERVICE: Final = 5
@@ -248,23 +257,25 @@ def changed(svc: IpvsService, change: Change) -> IpvsService:
 def director_changes(kernel: LinuxIpvs, desired: list[IpvsService], owned: frozenset[str], observed: Observed,
                      changes: int, make: Callable[[Sequence[IpvsService], random.Random], Change],
                      rng: random.Random) -> tuple[dict[str, Any], Observed]:
-    """`changes` one-endpoint changes as the director's change path makes them: plan of the
-    services whose desired state changed (here the one) against what the last apply left, apply,
-    observed_after; `desired` is updated."""
+    """`changes` one-endpoint changes as the director's change path makes them
+    (kube2ipvs_director.app `_plan_change`): plan of the services whose desired state changed
+    (here the one) against what the last apply left of them, apply, observed_after of those
+    services alone, kept by service id; `desired` is updated."""
     plans, applies, totals, op_counts = [], [], [], []
     kinds: set[str] = set()
+    by_id = {s.id: s for s in observed.services}
     for _ in range(changes):
         change = make(desired, rng)
         desired[change.index] = changed(desired[change.index], change)
         t0 = time.perf_counter()
         touched = service_id(desired[change.index])
-        ops: Sequence[Op] = plan([desired[change.index]],
-                                 Observed(tuple(s for s in observed.services if s.id == touched)),
-                                 owned_vips=owned).ops
+        before = Observed((by_id[touched],) if touched in by_id else ())
+        ops: Sequence[Op] = plan([desired[change.index]], before, owned_vips=owned).ops
         t1 = time.perf_counter()
         kernel.apply(ops)
         t2 = time.perf_counter()
-        observed = observed_after(observed, ops)
+        for svc in observed_after(before, ops).services:
+            by_id[svc.id] = svc
         t3 = time.perf_counter()
         plans.append(t1 - t0)
         applies.append(t2 - t1)
@@ -274,7 +285,8 @@ def director_changes(kernel: LinuxIpvs, desired: list[IpvsService], owned: froze
     want = AddDest if make is dest_addition else EditDest
     return {"plan": ms(plans), "apply": ms(applies), "plan_apply_observed_after": ms(totals),
             "ops_per_change": sorted(set(op_counts)), "op_kinds": sorted(kinds),
-            "exactly_one_op": all(n == 1 for n in op_counts) and kinds == {want.__name__}}, observed
+            "exactly_one_op": all(n == 1 for n in op_counts) and kinds == {want.__name__}}, \
+        Observed(tuple(by_id[k] for k in sorted(by_id, key=service_order)))
 
 
 def comparable(observed: Observed) -> set[tuple[Any, ...]]:
