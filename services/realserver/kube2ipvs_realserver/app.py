@@ -82,8 +82,9 @@ class SliceSource(SubscriberStatus, Protocol):
 class AppSettings:
     resync_interval: float = 10.0
     retry_min: float = 0.5  # after a failed apply: retry after this, doubling up to resync_interval
-    # Reading the counters costs O(services) (about 2 s at 10,000 services): a task of its own
-    # does it this often, in its own thread and socket, so no reconcile ever waits for it.
+    # Reading the counters costs O(services) (about 2 s at 10,000 services on one node): it is
+    # done when /metrics is scraped, at most this often (scrapes in between show the last
+    # reading), in its own thread and socket, so no reconcile ever waits for it; never for nobody.
     counters_interval: float = 10.0
 
 
@@ -160,7 +161,9 @@ class RealserverApp:
         self.applied: Desired | None = None  # in the kernel as of the last successful reconcile
         self._desired_for: NodeSlice | None = None  # the slice `desired` was rendered from
         self.observed: Observed | None = None  # the kernel after the last reconcile
-        self.counters: Counters = {}
+        self.counters: Counters = {}  # read when /metrics is scraped (read_counters)
+        self._counters_at: float | None = None
+        self._counters_lock = asyncio.Lock()
         self.last_ops: list[Op] = []
         self.apply_error: str | None = None
         self.last_apply_at: float | None = None
@@ -186,7 +189,6 @@ class RealserverApp:
             if self._source is not None:
                 tg.create_task(self._forever("slices", self._consume()))
             tg.create_task(self._forever("reconcile", self._loop()))
-            tg.create_task(self._forever("counters", self._counters_loop()))
 
     @staticmethod
     async def _forever(name: str, coro: Any) -> None:
@@ -250,18 +252,21 @@ class RealserverApp:
         self.reconciled.set()
         return done
 
-    async def _counters_loop(self) -> None:
-        while True:
-            if self.applied is not None:
-                await self.read_counters()
-            await asyncio.sleep(self.app_settings.counters_interval)
-
     async def read_counters(self) -> None:
-        """A new snapshot of the kernel's counters for /metrics (blocking work in a thread)."""
-        try:
-            self.counters = await self._counters_thread.run(self.kernel.counters)
-        except Exception as exc:  # a table being replaced, a namespace gone: the next read will do
-            log.warning("event=counters_unread error=%s", exc)
+        """A new snapshot of the kernel's counters for /metrics (blocking work in a thread),
+        unless the last one is younger than `counters_interval`; scrapes at once share one."""
+        if self.applied is None:
+            return  # no table of ours yet
+        async with self._counters_lock:
+            if self._counters_at is not None and \
+                    time.monotonic() - self._counters_at < self.app_settings.counters_interval:
+                return
+            try:
+                self.counters = await self._counters_thread.run(self.kernel.counters)
+            except Exception as exc:  # a table being replaced, a namespace gone: the next scrape tries again
+                log.warning("event=counters_unread error=%s", exc)
+            else:
+                self._counters_at = time.monotonic()
 
     def _reconcile(self, desired: Desired, done: list[Op], *, resync: bool) -> None:
         # The kernel is read on resyncs (the drift check: addresses, sysctls, the tables' chains

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--resync-interval", type=positive_float, default=10.0, metavar="S",
         help="re-read the kernel and repair drift this often (default 10)")
     add(p, "--counters-interval", type=positive_float, default=10.0, metavar="S",
-        help="read the kernel counters for /metrics at most this often (default 10)")
+        help="a /metrics scrape reads the kernel counters again when the last reading is older "
+             "than this (default 10)")
     add(p, "--state-file", metavar="FILE", help="where the digest of the applied table is kept "
                                                 "(default /run/kube2ipvs/realserver-<device>.json)")
     add(p, "--cleanup", action="store_true", help="delete our nft tables and VIP addresses, then exit")
@@ -92,7 +93,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         )
         host, port = args.listen
         server = StatusServer(host=listen_hosts(host), port=port, health=app.health, config=app.config,
-                              registry=app.registry, config_token=args.config_token)
+                              registry=app.registry, config_token=args.config_token,
+                              before_metrics=app.read_counters)
         await server.start()
         log.info("event=started role=realserver listen=%s node=%s", server.listening, args.node)
         try:
