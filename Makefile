@@ -155,7 +155,7 @@ bench: install
 	$(VPY) bench/bench_bgp.py $(BENCH_ARGS)
 	$(VPY) bench/bench_change_scaling.py
 	$(VPY) bench/bench_resources.py --scale 0.1 --idle-seconds 30 --load-seconds 30
-	$(VPY) bench/bench_resources.py --idle-seconds 30 --load-seconds 30
+	$(VPY) bench/bench_resources.py --idle-seconds 30 --load-seconds 30 --repeat 3
 	bench/run_director_bench.sh $(BENCH_ARGS)
 	$(VPY) bench/report.py
 
