@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Generic, ParamSpec, TypeVar
+
+log = logging.getLogger("kube2ipvs.workers")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -30,3 +34,35 @@ class KernelThread:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+T = TypeVar("T")
+
+
+class OnDemandReading(Generic[T]):
+    """A kernel reading too costly to take on a timer for nobody (per-service counters at 10,000
+    services), taken when someone asks (a /metrics scrape): on a KernelThread of its own, at most
+    once per `max_age` seconds (askers in between, and askers at the same time, share one
+    reading). A failed reading is logged as `event=<event>` and the last good one stays."""
+
+    def __init__(self, name: str, read: Callable[[], T], initial: T, *, max_age: float, event: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.value = initial
+        self._read, self._max_age, self._event, self._clock = read, max_age, event, clock
+        self._thread = KernelThread(name)
+        self._lock = asyncio.Lock()
+        self._at: float | None = None
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            if self._at is not None and self._clock() - self._at < self._max_age:
+                return
+            try:
+                self.value = await self._thread.run(self._read)
+            except Exception as exc:  # a table being replaced, a namespace gone: the next asker tries again
+                log.warning("event=%s error=%s", self._event, exc)
+            else:
+                self._at = self._clock()
+
+    def close(self) -> None:
+        self._thread.close()

@@ -57,7 +57,7 @@ from kube2ipvs.statusserver import (
     source_detail,
     text_response,
 )
-from kube2ipvs.workers import KernelThread
+from kube2ipvs.workers import KernelThread, OnDemandReading
 from kube2ipvs_director.garp import GarpSchedule
 from kube2ipvs_director.kernel import ApplyError, Ipvs, KernelError, ServiceStats
 from kube2ipvs_director.plan import (
@@ -297,9 +297,12 @@ class DirectorApp:
         if leadership is not None:
             self.metrics.active.set(0)
         self._stats_source = stats
-        # Kernel calls on one thread each (kube2ipvs.workers): the reconcile's, and the stats'.
+        # Kernel calls on one thread each (kube2ipvs.workers): the reconcile's, and the stats'
+        # (read when /metrics is scraped, not on a timer).
         self._kernel_thread = KernelThread("director-kernel")
-        self._stats_thread = KernelThread("director-stats")
+        self._stats = OnDemandReading("director-stats", stats.read if stats is not None else StatsSnapshot,
+                                      StatsSnapshot(), max_age=self.settings.stats_max_age, event="stats_unread",
+                                      clock=clock)
         # ARP mode: the served VIPs announced at once when they appear, then every garp_period.
         self._announcer = announcer
         self._garp_thread = KernelThread("director-garp")
@@ -310,9 +313,6 @@ class DirectorApp:
         self._leadership = leadership
         self.active = leadership is None
         self._held_at: float | None = None
-        self.stats = StatsSnapshot()  # read when /metrics is scraped (read_stats), not on a timer
-        self._stats_at: float | None = None
-        self._stats_lock = asyncio.Lock()
         self.registry.register(DirectorStats(self))
         self._describe = dict(describe or {})
         self._clock = clock
@@ -405,7 +405,7 @@ class DirectorApp:
 
     def close(self) -> None:
         self._kernel_thread.close()
-        self._stats_thread.close()
+        self._stats.close()
         self._garp_thread.close()
 
     def offer(self, state: ClusterState) -> None:
@@ -510,18 +510,15 @@ class DirectorApp:
         self.metrics.garp_max_interval.set(self.garp.max_interval)
         return sent
 
+    @property
+    def stats(self) -> StatsSnapshot:
+        """The last stats reading (what /metrics shows)."""
+        return self._stats.value
+
     async def read_stats(self) -> None:
-        if self._stats_source is None:
-            return
-        async with self._stats_lock:  # scrapes at once share one reading
-            if self._stats_at is not None and self._clock() - self._stats_at < self.settings.stats_max_age:
-                return
-            try:
-                self.stats = await self._stats_thread.run(self._stats_source.read)
-            except Exception as exc:  # the next scrape tries again; /metrics shows the last snapshot
-                log.warning("event=stats_unread error=%s", exc)
-            else:
-                self._stats_at = self._clock()
+        """Before /metrics answers: a new reading unless the last is younger than stats_max_age."""
+        if self._stats_source is not None:
+            await self._stats.refresh()
 
     async def reconcile_once(self) -> list[Op | str]:
         """Plan and apply against the newest state; nothing at all before the first one."""

@@ -40,7 +40,7 @@ from kube2ipvs.statusserver import (
     source_detail,
     text_response,
 )
-from kube2ipvs.workers import KernelThread
+from kube2ipvs.workers import KernelThread, OnDemandReading
 from kube2ipvs_realserver.kernel import Counters, Kernel
 from kube2ipvs_realserver.plan import (
     AddAddress,
@@ -161,23 +161,23 @@ class RealserverApp:
         self.applied: Desired | None = None  # in the kernel as of the last successful reconcile
         self._desired_for: NodeSlice | None = None  # the slice `desired` was rendered from
         self.observed: Observed | None = None  # the kernel after the last reconcile
-        self.counters: Counters = {}  # read when /metrics is scraped (read_counters)
-        self._counters_at: float | None = None
-        self._counters_lock = asyncio.Lock()
         self.last_ops: list[Op] = []
         self.apply_error: str | None = None
         self.last_apply_at: float | None = None
         self._kick = asyncio.Event()
         self.reconciled = asyncio.Event()  # set after each reconcile (tests await it)
-        # Kernel calls on one thread each (kube2ipvs.workers): the reconcile's, and the counters'.
+        # Kernel calls on one thread each (kube2ipvs.workers): the reconcile's, and the counters'
+        # (read when /metrics is scraped, not on a timer).
         self._kernel_thread = KernelThread("realserver-kernel")
-        self._counters_thread = KernelThread("realserver-counters")
+        self._counters: OnDemandReading[Counters] = OnDemandReading(
+            "realserver-counters", kernel.counters, {}, max_age=self.app_settings.counters_interval,
+            event="counters_unread")
 
     # -- running --------------------------------------------------------------------------
 
     def close(self) -> None:
         self._kernel_thread.close()
-        self._counters_thread.close()
+        self._counters.close()
 
     def offer(self, node_slice: NodeSlice) -> None:
         self.slice = node_slice
@@ -252,21 +252,16 @@ class RealserverApp:
         self.reconciled.set()
         return done
 
+    @property
+    def counters(self) -> Counters:
+        """The last counters reading (what /metrics shows)."""
+        return self._counters.value
+
     async def read_counters(self) -> None:
-        """A new snapshot of the kernel's counters for /metrics (blocking work in a thread),
-        unless the last one is younger than `counters_interval`; scrapes at once share one."""
-        if self.applied is None:
-            return  # no table of ours yet
-        async with self._counters_lock:
-            if self._counters_at is not None and \
-                    time.monotonic() - self._counters_at < self.app_settings.counters_interval:
-                return
-            try:
-                self.counters = await self._counters_thread.run(self.kernel.counters)
-            except Exception as exc:  # a table being replaced, a namespace gone: the next scrape tries again
-                log.warning("event=counters_unread error=%s", exc)
-            else:
-                self._counters_at = time.monotonic()
+        """Before /metrics answers: a new reading of the kernel's counters unless the last is
+        younger than `counters_interval`; none before a table of ours exists."""
+        if self.applied is not None:
+            await self._counters.refresh()
 
     def _reconcile(self, desired: Desired, done: list[Op], *, resync: bool) -> None:
         # The kernel is read on resyncs (the drift check: addresses, sysctls, the tables' chains
