@@ -29,7 +29,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -317,12 +317,26 @@ def frr_routes() -> dict[str, set[str]]:
     return router_routes(NAME, VIPS)
 
 
-def bgp_sessions_dropped() -> dict[str, int]:
-    """How many times FRR's session with each director has gone down."""
+def bgp_neighbors() -> dict[str, Any]:
     done = subprocess.run(["vtysh", "--vty_socket", str(STATE_ROOT / NAME / "frr"), "-c", "show bgp neighbors json"],
                           capture_output=True, text=True, timeout=10, check=True)
-    peers = json.loads(done.stdout)
+    peers: dict[str, Any] = json.loads(done.stdout)
+    return peers
+
+
+def bgp_sessions_dropped() -> dict[str, int]:
+    """How many times FRR's session with each director has gone down."""
+    peers = bgp_neighbors()
     return {address: int(peers.get(address, {}).get("connectionsDropped", 0)) for address in DIRECTORS.values()}
+
+
+def established_since(addresses: Iterable[str], since: float) -> bool:
+    """Each of FRR's sessions with `addresses` is Established, and came up after `since` (a
+    monotonic time): a new session, not the one a clear has not taken down yet."""
+    peers = bgp_neighbors()
+    age = time.monotonic() - since
+    return all(peers.get(a, {}).get("bgpState") == "Established"
+               and peers[a].get("bgpTimerUpMsec", 1e12) / 1000 < age for a in addresses)
 
 
 BOTH: Final = set(DIRECTORS.values())
@@ -498,7 +512,9 @@ def test_an_frr_session_reset_with_one_director_drops_no_request(lab: Lab) -> No
     subprocess.run([*vtysh, f"clear bgp {DIRECTORS['dir1']}"], capture_output=True, check=True, timeout=10)
     cleared = time.monotonic()
     until("dir1's session reset", lambda: bgp_sessions_dropped()[DIRECTORS["dir1"]] > dropped, 10)
-    back = until("both paths back", both_paths)
+    # A new session first: right after the reset FRR can still list the old session's routes.
+    back = until("dir1's new session", lambda: established_since([DIRECTORS["dir1"]], cleared))
+    back += until("both paths back", both_paths)
     s.note(f"both paths back {time.monotonic() - cleared:.2f} s after the clear "
            f"({back:.2f} s after the reset was seen)")
     seen = s.report()
@@ -512,6 +528,9 @@ def test_an_frr_reset_of_every_session_heals_within_seconds(lab: Lab) -> None:
     subprocess.run([*vtysh, "clear bgp *"], capture_output=True, check=True, timeout=10)
     cleared = time.monotonic()
     until("both sessions reset", lambda: all(n > dropped[p] for p, n in bgp_sessions_dropped().items()), 10)
+    # New sessions first: right after the reset FRR can still list the old sessions' routes (a
+    # CI run saw "both paths back" 0.06 s after the clear, and the window ended too early).
+    until("both new sessions", lambda: established_since(DIRECTORS.values(), cleared))
     until("both paths back", both_paths)
     healed = time.monotonic() - cleared
     s.note(f"both directors' routes back in FRR {healed:.2f} s after `clear bgp *`")
