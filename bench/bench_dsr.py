@@ -24,7 +24,7 @@ from typing import Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kube2ipvs_director.dsr import DsrSettings
+from kube2ipvs_director.dsr import LOAD_CHUNK, DsrSettings
 from kube2ipvs_director.nftdsr import NftDsr
 from kube2ipvs_director.plan import AddDest, AddService, EditDest, Op, ServiceId
 
@@ -115,7 +115,7 @@ def main() -> int:
         "restart_adopt_s": round(adopt, 3),
     }
     print(f"nftables dataplane: {args.services} VIP:ports x 10 nodes, Maglev tables of {args.size} slots")
-    print(f"  first load ({elements} elements, transactions of 50,000): {result['full_load_s']} s, "
+    print(f"  first load ({elements} elements, transactions of {LOAD_CHUNK:,}): {result['full_load_s']} s, "
           f"peak RSS +{result['full_load_peak_rss_growth_mb']} MB (libnftables parses in-process)")
     print(f"  one weight change ({args.changes}): median {result['change_ms']['median']} ms, "
           f"p99 {result['change_ms']['p99']} ms, {result['change_elements_median']} elements")

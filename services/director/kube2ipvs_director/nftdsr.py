@@ -10,7 +10,7 @@ them with that layout; `apply(ops)` turns the ops into the services' new states 
 - the whole table otherwise: replacing the old one in one transaction after a failed
   transaction or when `observe()` found the kernel different from what it wrote and not
   adoptable (someone deleted an element); or, when there is no table yet, in transactions of
-  about 50,000 elements with the ingress hook added last (`dsr.render_load`: bounded memory for
+  about 10,000 elements with the ingress hook added last (`dsr.render_load`: bounded memory for
   nft's parser). The Maglev tables depend only on the nodes and weights, so reloading an
   unchanged configuration moves no flow.
 
