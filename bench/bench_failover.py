@@ -49,7 +49,7 @@ from typing import Any, Final
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kube2ipvs.cli import main as cli_main
-from kube2ipvs.lab import lab_control, prefix, router_routes
+from kube2ipvs.lab import Record, lab_control, prefix, router_routes, state_dir
 from kube2ipvs.labplan import DIRECTORS
 
 REPO: Final = Path(__file__).resolve().parents[1]
@@ -92,8 +92,10 @@ def dir2_alone() -> bool:
 # -- the ways dir1 breaks, and its repair -------------------------------------------------------
 
 def kill_gobgpd() -> None:
-    pid = json.loads(lab_status())["processes"][f"{DIR1}-gobgpd"]["pid"]
-    os.kill(int(pid), 9)
+    """SIGKILL to the PID the lab recorded (state.json; `lab status` would also ask every service)."""
+    record = Record.load(state_dir(NAME))
+    assert record is not None, "the lab is not running"
+    os.kill(int(record.processes[f"{DIR1}-gobgpd"]["pid"]), 9)
 
 
 def repair_gobgpd() -> None:
@@ -128,12 +130,6 @@ BGP_SCENARIOS: Final = {
     "gobgpd killed": (kill_gobgpd, repair_gobgpd),
     "silent": (go_silent, speak_again),
 }
-
-
-def lab_status() -> str:
-    out = io.StringIO()
-    cli_main(["lab", "status", "--json", "--name", NAME], out=out, err=io.StringIO())
-    return out.getvalue()
 
 
 def failure_window(samples: list[Any], protocol: str) -> float:
