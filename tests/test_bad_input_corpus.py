@@ -461,7 +461,7 @@ def test_foreign_values_in_a_real_bucket_hand_nothing_over_and_the_republished_s
                 # What /healthz shows of them (statusserver.source_detail): each refused key and why.
                 assert set(states.rejected) == {TARGET["vs"], TARGET["vips"]}, states.rejected
                 assert set(slices.rejected) == {TARGET["node"]}, slices.rejected
-                assert "version 2" in slices.rejected[TARGET["node"]]
+                assert "version 3" in slices.rejected[TARGET["node"]]
                 detail = source_detail(slices)
                 assert detail["rejected_values"] == 1
                 assert list(detail["rejected"]) == [TARGET["node"]]

@@ -9,7 +9,15 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kube2ipvs.model import ClusterState, PodEndpoint
+from kube2ipvs.model import (
+    ClusterState,
+    PodEndpoint,
+    content_hash,
+    content_hash_v1,
+    digest,
+    service_digest,
+    vips_value,
+)
 from kube2ipvs.normalize import normalize
 from kube2ipvs.protocol import (
     META_KEY,
@@ -241,3 +249,58 @@ def test_addresses_from_another_publisher_are_held_in_the_form_the_kernel_report
     vs = decode_node_service(json.dumps(doc).encode())
     original = next(s for s in state.services if s.vip == "2001:db8::10" and s.port == vs.port)
     assert vs == original
+
+
+def test_a_manifest_of_version_1_is_still_checked_with_version_1s_hash() -> None:
+    """A consumer upgraded before the watcher: the old watcher's manifests carry the hash of every
+    digest in order (version 1); they are checked that way, and a wrong one is still refused."""
+    state = realistic_state()
+    writes = plan_writes(None, encode_state(state))
+    meta = json.loads(writes[-1].value or b"")
+    assert meta["version"] == 2
+    digests = list(state.service_digests)  # in service order, as version 1 hashed them
+    assert sorted(digests) == sorted(digest(w.value) for w in writes if w.key.startswith("vs.") and w.value)
+    vips = next(w.value for w in writes if w.key == "state.vips")
+    assert vips is not None
+    v1 = {**meta, "version": 1, "hash": content_hash_v1(vips, digests)}
+    got = assemble([*writes[:-1], Write(META_KEY, json.dumps(v1).encode())])
+    assert got == state
+    assert got is not None
+    assert got.content_hash == v1["hash"]
+    assert assemble([*writes[:-1], Write(META_KEY, json.dumps({**v1, "hash": meta["hash"]}).encode())]) is None
+    future = Assembler()
+    for w in [*writes[:-1], Write(META_KEY, json.dumps({**meta, "version": 3}).encode())]:
+        future.update(w.key, w.value)
+    assert future.complete() is None
+    assert "protocol version 3" in future.problems[META_KEY]
+
+
+def test_the_content_hash_follows_changes_at_any_size() -> None:
+    """The running sum an Assembler keeps through hundreds of puts and deletes (several chunks)
+    gives the hash a one-shot computation gives."""
+    rng = random.Random(7)
+    base = realistic_state()
+    template = base.services[0]
+    services = {port: replace(template, port=port) for port in range(1000, 1700)}
+    assembler = Assembler()
+    encoder = Encoder()
+    for step in range(6):
+        for port in rng.sample(sorted(services), 150):
+            if rng.random() < 0.5:
+                services.pop(port)
+            else:
+                services[port] = replace(template, port=port, mtu=1280 + step)
+        for port in rng.sample(range(1000, 1700), 100):
+            services.setdefault(port, replace(template, port=port))
+        state = replace(base, generation=step + 1, services=tuple(services[p] for p in sorted(services)))
+        if step == 0:
+            writes = plan_writes(None, encode_state(state))
+            encoder.update(state)
+        else:
+            writes = encoder.update(state).writes(encoder.meta(step + 1))
+        for w in writes:
+            assembler.update(w.key, w.value)
+        got = assembler.complete()
+        assert got is not None, assembler.missing()
+        assert got == state
+        assert got.content_hash == content_hash(vips_value(state.vips), [service_digest(vs) for vs in state.services])

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, Final
 
 from kube2ipvs.lbconfig import Family, Forwarding, Protocol, address_sort_key
 
@@ -177,27 +177,30 @@ class StateDelta:
 class ClusterState:
     generation: int
     vips: tuple[str, ...]  # every configured VIP, sorted (directors hold and announce these)
-    services: tuple[VirtualService, ...]  # sorted by VIP, port, protocol
+    # sorted by VIP, port, protocol; a tuple, or a Chunked that shares its unchanged chunks with
+    # the state before (kube2ipvs.chunked: what incremental builders hand out)
+    services: Sequence[VirtualService]
     nodes: tuple[NodeStatus, ...]  # sorted by name
     skipped: tuple[Skip, ...] = field(default=(), compare=False)
     # service_digest() of each service, when the builder already knows them (incremental builds)
-    known_digests: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+    known_digests: Sequence[str] | None = field(default=None, compare=False, repr=False)
     delta: StateDelta | None = field(default=None, compare=False, repr=False)
     # content_hash, when the builder computed it already (a consumer checks it against the manifest)
     known_hash: str | None = field(default=None, compare=False, repr=False)
 
     @cached_property
-    def service_digests(self) -> tuple[str, ...]:
+    def service_digests(self) -> Sequence[str]:
         if self.known_digests is not None and len(self.known_digests) == len(self.services):
             return self.known_digests
         return tuple(service_digest(vs) for vs in self.services)
 
     @cached_property
     def content_hash(self) -> str:
-        """sha256 over what consumers program: VIPs, services and backends. Not the generation.
+        """A hash of what consumers program: VIPs, services and backends. Not the generation.
 
         Defined over the canonical wire bytes of each part (vips_value, service_value), so a consumer
-        holding the published values can check it without re-encoding anything.
+        holding the published values can check it without re-encoding anything, and so that it
+        follows a change at the cost of the change (content_hash).
         """
         if self.known_hash is not None:
             return self.known_hash
@@ -270,8 +273,35 @@ def service_digest(vs: VirtualService) -> str:
     return digest(service_value(vs))
 
 
+DIGEST_SPACE: Final = 1 << 128  # a service digest is 128 bits (32 hex digits)
+
+
+def digest_sum(service_digests: Iterable[str]) -> int:
+    """The sum of the service digests, as integers, modulo 2**128."""
+    return sum(int(d, 16) for d in service_digests) % DIGEST_SPACE
+
+
 def content_hash(vips: bytes, service_digests: Iterable[str]) -> str:
-    """sha256 of the VIPs value, then "\n" + digest for each service in order."""
+    """The content hash (protocol version 2) of a state: see content_hash_of_sum."""
+    digests = service_digests if isinstance(service_digests, Sequence) else list(service_digests)
+    return content_hash_of_sum(vips, len(digests), digest_sum(digests))
+
+
+def content_hash_of_sum(vips: bytes, services: int, total: int) -> str:
+    """sha256 of the VIPs value, then "\n<number of services>\n<sum of their digests mod 2**128,
+    32 hex digits>". The services are unique by key, so the sum identifies the set; and it can be
+    kept up to date by adding a new digest and subtracting the old one, which makes the hash of a
+    one-service change cost one service, not the state (version 1 hashed every digest in order).
+    It guards against torn and partial states, not against a forger: a writer that can forge
+    values can write a matching hash anyway."""
+    h = hashlib.sha256(vips)
+    h.update(b"\n%d\n%032x" % (services, total % DIGEST_SPACE))
+    return "sha256:" + h.hexdigest()
+
+
+def content_hash_v1(vips: bytes, service_digests: Iterable[str]) -> str:
+    """Protocol version 1's hash: sha256 of the VIPs value, then "\n" + digest for each service in
+    order (a consumer still reads manifests of a watcher not yet upgraded)."""
     h = hashlib.sha256(vips)
     digests = service_digests if isinstance(service_digests, tuple | list) else list(service_digests)
     if digests:  # one join at C speed, not a generator: 30,000 digests in about a millisecond

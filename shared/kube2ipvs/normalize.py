@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from itertools import chain
 
 from kube2ipvs.bulk import gc_paused
+from kube2ipvs.chunked import HoleyChunks
 from kube2ipvs.lbconfig import Family, LBConfig, PortConfig, Protocol, address_sort_key
 from kube2ipvs.model import (
     Backend,
@@ -28,9 +29,11 @@ from kube2ipvs.model import (
     SlicePort,
     StateDelta,
     VirtualService,
+    content_hash_of_sum,
     hostport,
     new_lineage,
     service_digest,
+    vips_value,
 )
 
 
@@ -156,6 +159,13 @@ class Normalizer:
         self._position = {(e.vip, e.port, p): i for i, (e, p) in enumerate(self._order)}
         self._vs_at: list[VirtualService | None] = [None] * len(self._order)
         self._digest_at: list[str | None] = [None] * len(self._order)
+        # What state() hands out is shared chunk by chunk with the state before; and the content
+        # hash is kept as a count and a sum of digests: a change costs what it changed.
+        self._vs_chunks: HoleyChunks[VirtualService] = HoleyChunks(len(self._order))
+        self._digest_chunks: HoleyChunks[str] = HoleyChunks(len(self._order))
+        self._count = 0
+        self._sum = 0
+        self._vips_value = vips_value(self._vips)
         self._skips_at: dict[int, tuple[Skip, ...]] = {}
         self._skips: tuple[Skip, ...] | None = None  # every _skips_at in order; None: to gather again
         self._entries_of: dict[ServiceRef, list[tuple[PortConfig, Protocol]]] = defaultdict(list)
@@ -232,14 +242,16 @@ class Normalizer:
         if self._track_digests and self._changed is not None:
             delta = StateDelta(self._lineage, self._seq, self._changed)
         self._changed = {}
+        track = self._track_digests
         return ClusterState(
             generation=generation,
             vips=self._vips,
-            services=tuple(filter(None, self._vs_at)),  # config entries are sorted by VIP and port; tcp first
+            services=self._vs_chunks.snapshot(self._vs_at),  # config entries are sorted by VIP and port; tcp first
             nodes=self._node_tuple,
             skipped=tuple(skips),
-            known_digests=tuple(filter(None, self._digest_at)) if self._track_digests else None,
+            known_digests=self._digest_chunks.snapshot(self._digest_at) if track else None,
             delta=delta,
+            known_hash=content_hash_of_sum(self._vips_value, self._count, self._sum) if track else None,
         )
 
     # -- internals ------------------------------------------------------------------------------
@@ -305,14 +317,18 @@ class Normalizer:
                                   self._slices_of.get(ref, {}).values(), self._eligible, skips)
             key = (entry.vip, entry.port, protocol)
             i = self._position[key]
-            if self._vs_at[i] == vs:
-                digest = self._digest_at[i]
-            else:
+            old = self._vs_at[i]
+            if old != vs:  # an equal one stays the very object it was (consumers compare by identity)
+                old_digest = self._digest_at[i]
                 digest = service_digest(vs) if vs is not None and self._track_digests else None
                 if self._changed is not None:
                     self._changed[key] = (vs, digest) if vs is not None and digest is not None else None
-            self._vs_at[i] = vs
-            self._digest_at[i] = digest
+                self._vs_at[i] = vs
+                self._digest_at[i] = digest
+                self._vs_chunks.touch(i)
+                self._digest_chunks.touch(i)
+                self._count += (vs is not None) - (old is not None)
+                self._sum += (int(digest, 16) if digest else 0) - (int(old_digest, 16) if old_digest else 0)
             now = tuple(skips)
             if self._skips_at.get(i, ()) != now:
                 self._skips = None

@@ -13,9 +13,10 @@ The watcher writes one bucket; consumers watch it. Keys:
 In keys, '.' and ':' of addresses become '-', and '.' of node names becomes '_' (node names are
 DNS names, which never hold '_'), so every key splits into its tokens unambiguously.
 
-The content hash is sha256 over `state.vips` and the digest of every `vs.` value in service
-order, so a director that holds values whose hash equals the manifest's holds exactly the
-published state; until then it keeps what it applied before. Writes go changed values first,
+The content hash is sha256 over `state.vips`, the number of `vs.` values and the sum of their
+digests (version 2; version 1 hashed every digest in service order, which cost the whole state on
+every change), so a director that holds values whose hash equals the manifest's holds exactly
+the published state; until then it keeps what it applied before. Writes go changed values first,
 deletions second, the manifest last. A realserver's keys are independent of each other: each is
 one complete service, applied as it comes. A one-endpoint change rewrites one `vs.` value, the
 `node.` value of each node whose backend changed, and a manifest of about 200 bytes.
@@ -23,7 +24,6 @@ one complete service, applied as it comes. A one-endpoint change rewrites one `v
 
 from __future__ import annotations
 
-import bisect
 import functools
 import ipaddress
 import json
@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
+from kube2ipvs.chunked import SortedChunks
 from kube2ipvs.lbconfig import (
     MTU_MAX,
     MTU_MIN,
@@ -50,7 +51,8 @@ from kube2ipvs.model import (
     StateDelta,
     VirtualService,
     compact_json,
-    content_hash,
+    content_hash_of_sum,
+    content_hash_v1,
     digest,
     new_lineage,
     node_status_to_dict,
@@ -58,7 +60,8 @@ from kube2ipvs.model import (
     vips_value,
 )
 
-VERSION: Final = 1
+VERSION: Final = 2
+VERSIONS_READ: Final = (1, 2)  # what this build reads (version 1: from a watcher not yet upgraded)
 META_KEY: Final = "state.meta"
 VIPS_KEY: Final = "state.vips"
 NODES_KEY: Final = "state.nodes"
@@ -169,6 +172,8 @@ class Encoder:
         self._last: tuple[int, int] | None = None  # (lineage, seq) of the state last encoded
         self.total_bytes = 0  # of every value but the manifest, kept up to date on each change
         self._keys: dict[tuple[str, int, str], str] = {}  # service_key() memo
+        self._vips_of: tuple[str, ...] | None = None
+        self._vips_value = b""
 
     def update(self, state: ClusterState) -> Delta:
         changed: dict[str, bytes | None] = {}
@@ -187,8 +192,9 @@ class Encoder:
                 self._service_changed(key, None, changed)
         self._last = (d.lineage, d.seq) if d is not None else None
 
-        vips = vips_value(state.vips)
-        changed[VIPS_KEY] = vips
+        if state.vips is not self._vips_of:  # the same tuple, state after state, until the config changes
+            self._vips_of, self._vips_value = state.vips, vips_value(state.vips)
+        changed[VIPS_KEY] = self._vips_value
         if self._nodes != state.nodes:
             self._nodes = state.nodes
             changed[NODES_KEY] = compact_json([node_status_to_dict(n) for n in state.nodes])
@@ -330,8 +336,10 @@ def _load_object(data: bytes, what: str) -> dict[str, Any]:
     doc = _load(data, what)
     if not isinstance(doc, dict):
         raise ProtocolError(f"{what}: not a JSON object")
-    if doc.get("version", VERSION) != VERSION:
-        raise ProtocolError(f"{what}: protocol version {doc.get('version')!r}; this build speaks {VERSION}")
+    version = doc.get("version", VERSION)
+    if type(version) is not int or version not in VERSIONS_READ:
+        raise ProtocolError(f"{what}: protocol version {version!r}; this build reads versions "
+                            f"{', '.join(map(str, VERSIONS_READ))}")
     return doc
 
 
@@ -387,6 +395,7 @@ def decode_service(doc: Mapping[str, Any]) -> VirtualService:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
+    version: int
     generation: int
     hash: str
     services: int
@@ -397,7 +406,7 @@ class Manifest:
 def decode_meta(data: bytes) -> Manifest:
     doc = _load_object(data, META_KEY)
     return Manifest(
-        generation=_get(doc, "generation", int), hash=_get(doc, "hash", str),
+        version=_get(doc, "version", int), generation=_get(doc, "generation", int), hash=_get(doc, "hash", str),
         services=_get(doc, "services", int),
         vips_digest=_get(doc, "vips", str), nodes_digest=_get(doc, "nodes", str),
     )
@@ -481,19 +490,26 @@ class Assembler:
     the picture is partial (mid-publish, or after a reconnect before the resync finished).
     Level-triggered: only the latest manifest matters. A value that does not decode is kept out
     (and reported by `problems`), which keeps the state incomplete rather than wrong.
+
+    A value costs its own decoding, and a complete state costs what changed since the last one:
+    the services are kept in state order in chunks (kube2ipvs.chunked) that successive states
+    share, and the content hash from a running count and sum of digests (protocol version 2).
     """
 
     def __init__(self) -> None:
         self._services: dict[str, tuple[str, VirtualService]] = {}  # key -> (digest, decoded)
         self._vips: bytes | None = None
+        self._vips_digest = ""
         self._vips_decoded: tuple[str, ...] | None = None  # decoded once, when the value comes
         self._nodes: tuple[str, tuple[NodeStatus, ...]] | None = None
         self._manifest: Manifest | None = None
         self.problems: dict[str, str] = {}
-        # The services in state order, kept as values come (bisect), so that assembling a state
-        # costs no sort; and what changed since the last assembled state, for its `delta`.
-        # Entries: (sort key, KV key, digest, service).
-        self._order: list[tuple[tuple[int, int, int, str], str, str, VirtualService]] = []
+        # The services in state order, kept as values come, so that assembling a state costs no
+        # sort; what changed since the last assembled state, for its `delta`; and the sum of the
+        # held values' digests. Entries: (sort key, KV key, digest, service).
+        self._order: SortedChunks[tuple[tuple[int, int, int, str], str, str, VirtualService]] = \
+            SortedChunks(_DIGEST_OF, _SERVICE_OF)
+        self._sum = 0
         self._changed: dict[tuple[str, int, Protocol], tuple[VirtualService, str] | None] = {}
         self._lineage = new_lineage()
         self._seq = 0
@@ -501,8 +517,8 @@ class Assembler:
     def _drop(self, key: str) -> None:
         old = self._services.pop(key, None)
         if old is not None:
-            at = bisect.bisect_left(self._order, (old[1].sort_key(), key))  # keys are unique: digest never compared
-            del self._order[at]
+            self._order.remove((old[1].sort_key(), key, old[0], old[1]))
+            self._sum -= int(old[0], 16)
             self._changed[old[1].key] = None
 
     def update(self, key: str, value: bytes | None) -> None:
@@ -512,6 +528,7 @@ class Assembler:
                 self._manifest = decode_meta(value) if value is not None else None
             elif key == VIPS_KEY:
                 self._vips, self._vips_decoded = value, None
+                self._vips_digest = digest(value) if value is not None else ""
                 if value is not None:  # a value that does not decode keeps the state incomplete
                     self._vips_decoded = decode_vips(value)
             elif key == NODES_KEY:
@@ -522,7 +539,8 @@ class Assembler:
                     vs = decode_service(_load_object(value, key))
                     value_digest = digest(value)
                     self._services[key] = (value_digest, vs)
-                    bisect.insort(self._order, (vs.sort_key(), key, value_digest, vs))
+                    self._order.add((vs.sort_key(), key, value_digest, vs))
+                    self._sum += int(value_digest, 16)
                     self._changed[vs.key] = (vs, value_digest)
         except ProtocolError as exc:
             self.problems[key] = str(exc)
@@ -537,7 +555,7 @@ class Assembler:
         if m is None:
             return [f"no {META_KEY}"]
         reasons = [f"{k}: {p}" for k, p in sorted(self.problems.items())]
-        if self._vips is None or digest(self._vips) != m.vips_digest:
+        if self._vips is None or self._vips_digest != m.vips_digest:
             reasons.append(f"{VIPS_KEY} not current")
         if self._nodes is None or self._nodes[0] != m.nodes_digest:
             reasons.append(f"{NODES_KEY} not current")
@@ -555,17 +573,20 @@ class Assembler:
         vips = self._vips_decoded
         if m is None or self.missing() or self._vips is None or vips is None or self._nodes is None:
             return None
-        order = self._order
-        digests = tuple(map(_DIGEST_OF, order))
-        if content_hash(self._vips, digests) != m.hash:
+        digests = self._order.snapshot(0)
+        if m.version == 1:
+            held = content_hash_v1(self._vips, tuple(digests))
+        else:
+            held = content_hash_of_sum(self._vips, len(self._order), self._sum)
+        if held != m.hash:
             return None  # (equal: the state's content_hash is m.hash, computed just now)
         self._seq += 1
         delta = StateDelta(self._lineage, self._seq, self._changed)
         self._changed = {}
         return ClusterState(
             generation=m.generation,
-            vips=tuple(vips),
-            services=tuple(map(_SERVICE_OF, order)),
+            vips=vips,
+            services=self._order.snapshot(1),
             nodes=self._nodes[1],
             known_digests=digests,
             delta=delta,
