@@ -174,3 +174,15 @@ def test_a_role_rejects_a_bad_environment_setting_in_one_line() -> None:
                           timeout=60, check=False, env={**os.environ, "KUBE2IPVS_MAX_REMOVAL_SHARE": "2"})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: KUBE2IPVS_MAX_REMOVAL_SHARE='2': '2' is not a share between 0 and 1"
+
+
+@pytest.mark.parametrize(("selector", "message"), [
+    ("tier!=lb", "'tier!=lb': write key=value (only equality is supported)"),
+    ("a=b,a=c", "'a' given twice with different values"),
+    ("a b=c", '"a b" is not a valid Kubernetes label key'),
+    ("tier=no spaces", '"no spaces" is not a valid Kubernetes label value'),
+])
+def test_a_bad_configmap_selector_is_one_clear_line(selector: str, message: str) -> None:
+    proc = run_process("watcher", "--configmap-selector", selector)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: kube2ipvs watcher: argument --configmap-selector: {message}"

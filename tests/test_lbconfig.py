@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kube2ipvs.lbconfig import (
     DEFAULT_IPVS_OPTIONS,
@@ -19,11 +22,14 @@ from kube2ipvs.lbconfig import (
     PortConfig,
     config_to_json,
     load_config_document,
+    merge_lbconfigs,
+    parse_label_selector,
     parse_lbconfig,
     parse_lbconfig_value,
     removal_check,
     with_default_service,
 )
+from tests.conftest import realistic_config
 
 VIP = "192.0.2.10"
 VIP2 = "192.0.2.11"
@@ -664,3 +670,19 @@ def test_parsing_does_not_change_the_document_it_was_given() -> None:
     before = copy.deepcopy(doc)
     parse_lbconfig_value(doc)
     assert doc == before
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2), min_size=64, max_size=64), st.permutations(range(3)))
+def test_a_config_split_over_shards_any_way_merges_back_to_itself(owner: list[int], order: list[int]) -> None:
+    whole = realistic_config()
+    shards = [replace(whole, entries=tuple(e for i, e in enumerate(whole.entries) if owner[i % 64] == n),
+                      vip_pool=whole.vip_pool if n == 0 else (), mtu=whole.mtu if n == 1 else ())
+              for n in range(3)]
+    merged = merge_lbconfigs([(f"lb-{n}", shards[n]) for n in order])
+    assert merged == whole
+
+
+def test_label_selectors_parse_to_sorted_pairs() -> None:
+    assert parse_label_selector("tier = lb, kube2ipvs.io/config==green") == \
+        (("kube2ipvs.io/config", "green"), ("tier", "lb"))
+    assert parse_label_selector("a=") == (("a", ""),)

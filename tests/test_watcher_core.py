@@ -178,3 +178,121 @@ def test_the_state_matches_a_from_scratch_normalize_after_events() -> None:
                                            for o in items("endpointslices")])[0],
                      core.config, generation=4)
     assert core.state(generation=4) == want
+
+
+# -- a config split over several ConfigMaps (--configmap-selector) ------------------------------
+
+SHARDED = WatcherSettings(default_service=UNICORNS, configmap_selector=(("kube2ipvs.io/config", "green"),))
+
+
+def shard(name: str, lb: dict[str, Any], labels: dict[str, str] | None = None,
+          annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    cm = configmap(lb, annotations)
+    cm["metadata"]["name"] = name
+    cm["metadata"]["uid"] = f"uid-{name}"
+    cm["metadata"]["labels"] = {"kube2ipvs.io/config": "green"} if labels is None else labels
+    return cm
+
+
+def split(lb: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The realistic config in two halves: the first VIP in one, everything else in the other."""
+    first = next(iter(lb["config"]))
+    a = {**lb, "config": {first: lb["config"][first]}, "config6": {}}
+    b = {**lb, "config": {k: v for k, v in lb["config"].items() if k != first}}
+    return a, b
+
+
+def sharded_core(*shards: dict[str, Any], settings: WatcherSettings = SHARDED) -> WatcherCore:
+    core = WatcherCore(settings, clock=lambda: 100.0)
+    core.apply(Resync("Node", tuple(items("nodes"))))
+    core.apply(Resync("Service", tuple(items("services"))))
+    core.apply(Resync("EndpointSlice", tuple(items("endpointslices"))))
+    core.apply(Resync("ConfigMap", shards))
+    return core
+
+
+def test_a_config_split_over_labelled_configmaps_is_the_config_they_make_together() -> None:
+    a, b = split(lb_value())
+    unlabelled = shard("not-ours", {"config": {"192.0.2.99": lb_value()["config"]["192.0.2.10"]}}, labels={})
+    core = sharded_core(shard("lb-a", a), shard("lb-b", b), unlabelled)
+    assert core.ready
+    assert core.state(generation=1) == replace(realistic_state(), generation=1)
+    assert "192.0.2.99" not in core.config.vips()
+
+
+def test_a_shard_changing_or_leaving_changes_only_its_part() -> None:
+    a, b = split(lb_value())
+    core = sharded_core(shard("lb-a", a), shard("lb-b", b))
+    whole = core.config
+    first = next(iter(a["config"]))
+    # lb-a loses its label: its VIP:ports go (a small share: not held back)
+    notices = core.apply(ObjectEvent("ConfigMap", "MODIFIED", shard("lb-a", a, labels={"other": "x"})))
+    assert notices == [ConfigAccepted(entries=len(core.config.entries), warnings=())]
+    served = {e.vip for e in whole.entries if e.port != 70}
+    assert {e.vip for e in core.config.entries if e.port != 70} == served - {first}
+    core.apply(ObjectEvent("ConfigMap", "ADDED", shard("lb-a", a)))
+    assert core.config == whole
+    core.apply(ObjectEvent("ConfigMap", "DELETED", shard("lb-a", a)))
+    assert first not in {e.vip for e in core.config.entries if e.port != 70}
+    # an unrelated ConfigMap in another namespace changes nothing
+    other = shard("lb-a", a)
+    other["metadata"]["namespace"] = "elsewhere"
+    assert core.apply(ObjectEvent("ConfigMap", "ADDED", other)) == []
+
+
+def test_a_vip_port_in_two_shards_rejects_the_merge_naming_both_and_keeps_the_last_good_config() -> None:
+    a, b = split(lb_value())
+    core = sharded_core(shard("lb-a", a), shard("lb-b", b))
+    good = core.config
+    first = next(iter(a["config"]))
+    clash = {**b, "config": {**b["config"], first: a["config"][first]}}
+    notices = core.apply(ObjectEvent("ConfigMap", "MODIFIED", shard("lb-b", clash)))
+    assert len(notices) == 1
+    rejected = notices[0]
+    assert isinstance(rejected, ConfigRejected)
+    port = next(iter(a["config"][first]))
+    assert f'ConfigMap lb-b, config."{first}"."{port}": also configured in ConfigMap lb-a' in rejected.errors
+    assert (rejected.name, rejected.uid) == ("lb-b", "uid-lb-b")  # the Event goes on the shard at fault
+    assert core.config == good
+    assert core.config_status.problem.startswith("config rejected: ConfigMap lb-b")
+
+
+def test_a_bad_shard_is_named_and_rejects_the_whole() -> None:
+    a, b = split(lb_value())
+    core = sharded_core(shard("lb-a", a), shard("lb-b", b))
+    good = core.config
+    first = next(iter(a["config"]))
+    port = next(iter(a["config"][first]))
+    bad = json.loads(json.dumps(a))
+    bad["config"][first][port]["ipvsOptions"] = {"scheduler": "fastest"}
+    [rejected] = core.apply(ObjectEvent("ConfigMap", "MODIFIED", shard("lb-a", bad)))
+    assert isinstance(rejected, ConfigRejected)
+    assert rejected.name == "lb-a"
+    where = f'ConfigMap lb-a, config."{first}"."{port}".ipvsOptions.scheduler: '
+    assert any(e.startswith(where) for e in rejected.errors)
+    assert core.config == good
+
+
+def test_conflicting_labels_or_mtus_across_shards_are_rejected() -> None:
+    a, b = split(lb_value())
+    core = sharded_core(shard("lb-a", {**a, "labels": {"zone": "x"}}), shard("lb-b", {**b, "labels": {"zone": "y"}}))
+    assert not core.ready
+    problem = core.config_status.problem
+    assert "ConfigMap lb-b, labels.\"zone\": 'y' here, 'x' in ConfigMap lb-a" in problem
+    core = sharded_core(shard("lb-a", {**a, "mtuConfig": {"192.0.2.10": "1400"}}),
+                        shard("lb-b", {**b, "mtuConfig": {"192.0.2.10": "9000"}}))
+    assert "mtuConfig.\"192.0.2.10\": 9000 here, 1400 in ConfigMap lb-a" in core.config_status.problem
+
+
+def test_removing_most_of_a_split_config_is_held_until_any_shard_confirms_it() -> None:
+    a, b = split(lb_value())
+    core = sharded_core(shard("lb-a", a), shard("lb-b", b), settings=replace(SHARDED, max_removal_share=0.1))
+    good = core.config
+    [held] = core.apply(ObjectEvent("ConfigMap", "DELETED", shard("lb-b", b)))
+    assert isinstance(held, ConfigHeld)
+    assert "annotate any one of the LB ConfigMaps" in held.reason
+    assert core.config == good
+    [accepted] = core.apply(ObjectEvent("ConfigMap", "MODIFIED", shard("lb-a", a, annotations={
+        CONFIRM_ANNOTATION: held.token})))
+    assert isinstance(accepted, ConfigAccepted)
+    assert core.config != good

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from kube2ipvs.kubeclient import KubeConfigError, load_api_client
+from kube2ipvs_watcher.core import WatcherCore, WatcherSettings
 from kube2ipvs_watcher.kube import (
     EventRecorder,
     KubeSource,
@@ -262,6 +263,52 @@ def test_configmap_edits_deletion_and_recreation_arrive_and_other_configmaps_do_
         assert c.in_sync()
 
     run(tmp_path, scenario)
+
+
+def test_with_a_selector_every_labelled_configmap_arrives_and_one_losing_its_label_leaves(tmp_path: Path) -> None:
+    """A config split over several ConfigMaps (--configmap-selector): the source lists and
+    watches the labelled ones of the namespace; one that loses its label arrives as DELETED (the
+    API server's rule for a watch with a selector), and the watcher core merges what is left."""
+    selector = (("kube2ipvs.io/config", "green"),)
+    lb = json.loads(next(o for o in realistic_objects(*sorted(REALISTIC.glob("*.json")))
+                         if o["kind"] == "ConfigMap")["data"]["green"])
+    first = next(iter(lb["config"]))
+    halves = {"lb-a": {**lb, "config": {first: lb["config"][first]}, "config6": {}},
+              "lb-b": {**lb, "config": {k: v for k, v in lb["config"].items() if k != first}}}
+
+    def labelled(name: str, doc: JSON, labels: dict[str, str]) -> JSON:
+        return {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"namespace": LB_NAMESPACE, "name": name, "labels": labels},
+                "data": {"green": json.dumps(doc)}}
+
+    async def scenario(c: Cluster) -> None:
+        for name, doc in halves.items():
+            c.api.create(labelled(name, doc, dict(selector)))
+        c.api.create(labelled("lb-other", {"config": {"192.0.2.99": lb["config"][first]}},
+                              {"kube2ipvs.io/config": "blue"}))
+        await synced(c)
+        [listed] = c.sink.resyncs("ConfigMap")
+        assert sorted(o["metadata"]["name"] for o in listed.objects) == ["lb-a", "lb-b"]
+        assert {r.query.get("labelSelector") for r in c.api.requests_for("list", "configmaps")} == \
+            {"kube2ipvs.io/config=green"}
+        core = WatcherCore(WatcherSettings(configmap_namespace=LB_NAMESPACE, configmap_selector=selector),
+                           clock=lambda: 0.0)
+        for item in list(c.sink.items):
+            core.apply(item)
+        assert core.ready
+        both = {e.vip for e in core.config.entries}
+        assert first in both
+        assert "192.0.2.99" not in both
+
+        c.api.modify("ConfigMap", "lb-a", lambda cm: cm["metadata"].update(labels={"kube2ipvs.io/config": "blue"}),
+                     namespace=LB_NAMESPACE)
+        await c.sink.wait_until(lambda: len(c.sink.events("ConfigMap")) == 1)
+        [gone] = c.sink.events("ConfigMap")
+        assert (gone.type, gone.obj["metadata"]["name"]) == ("DELETED", "lb-a")
+        core.apply(gone)
+        assert {e.vip for e in core.config.entries} == both - {first}
+
+    run(tmp_path, scenario, configmap_selector=selector)
 
 
 def test_a_deleted_service_and_its_slice_arrive_as_deleted_events(tmp_path: Path) -> None:

@@ -530,6 +530,37 @@ def _parse_mtu(w: _Walker, path: str, value: object, family: Family) -> list[tup
     return out
 
 
+def label_problem(key: str, value: object) -> str | None:
+    """Why (key, value) is not a valid Kubernetes label, or None when it is one."""
+    prefix, _, name = key.rpartition("/")
+    if (
+        len(name) > 63
+        or not _LABEL_NAME.match(name)
+        or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)))
+        or (not prefix and key.startswith("/"))
+    ):
+        return f"{_quote(key)} is not a valid Kubernetes label key"
+    if not isinstance(value, str) or (value and (len(value) > 63 or not _LABEL_NAME.match(value))):
+        return f"{_show(value)} is not a valid Kubernetes label value"
+    return None
+
+
+def parse_label_selector(text: str) -> tuple[tuple[str, str], ...]:
+    """`key=value[,key=value...]` (equality only, as `kubectl -l` writes it) -> sorted pairs;
+    ValueError naming the part that is wrong."""
+    pairs: dict[str, str] = {}
+    for part in text.split(","):
+        key, eq, value = part.strip().partition("=")
+        key, value = key.strip(), value.strip().removeprefix("=").strip()  # `k==v` means `k=v`
+        if not eq or key.endswith("!"):
+            raise ValueError(f"{part.strip()!r}: write key=value (only equality is supported)")
+        if (problem := label_problem(key, value)) is not None:
+            raise ValueError(problem)
+        if pairs.setdefault(key, value) != value:
+            raise ValueError(f"{key!r} given twice with different values")
+    return tuple(sorted(pairs.items()))
+
+
 def _parse_labels(w: _Walker, path: str, value: object) -> list[tuple[str, str]]:
     if value is None:
         return []
@@ -538,18 +569,9 @@ def _parse_labels(w: _Walker, path: str, value: object) -> list[tuple[str, str]]
         return []
     out: list[tuple[str, str]] = []
     for key, val in w.items(value, path, quote=True):
-        here = _join(path, key, quote=True)
-        prefix, _, name = key.rpartition("/")
-        if (
-            len(name) > 63
-            or not _LABEL_NAME.match(name)
-            or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)))
-            or (not prefix and key.startswith("/"))
-        ):
-            w.error(here, f"{_quote(key)} is not a valid Kubernetes label key")
-            continue
-        if not isinstance(val, str) or (val and (len(val) > 63 or not _LABEL_NAME.match(val))):
-            w.error(here, f"{_show(val)} is not a valid Kubernetes label value")
+        problem = label_problem(key, val)
+        if problem is not None or not isinstance(val, str):
+            w.error(_join(path, key, quote=True), problem or "not a string")
             continue
         out.append((key, val))
     return out
@@ -686,6 +708,62 @@ def configmap_value(configmap: Mapping[str, object], key: str | None) -> tuple[s
     if not isinstance(value, str):
         raise ConfigError([ConfigIssue(path, "ConfigMap data values must be strings")])
     return value, key
+
+
+# --------------------------------------------------------------------------------------------
+# A config split over several ConfigMaps (pure)
+
+
+def in_configmap(name: str, issue: ConfigIssue) -> ConfigIssue:
+    """`issue` of the config held by ConfigMap `name` (one of several shards)."""
+    return ConfigIssue(f"ConfigMap {name}" + (f", {issue.path}" if issue.path else ""), issue.message)
+
+
+def merge_lbconfigs(shards: Sequence[tuple[str, LBConfig]]) -> LBConfig:
+    """One config from the configs of several ConfigMaps (name, config), for a config too large
+    for one: a ConfigMap holds at most 1 MiB, about 10,000 VIP:ports. Pools, entries and MTUs are
+    united. A VIP:port may be configured by one shard only, and a label or a VIP's MTU may not be
+    given different values by two shards: each such conflict is an error naming both ConfigMaps,
+    and the whole merged config is rejected (so no shard's half of a move is ever applied)."""
+    issues: list[ConfigIssue] = []
+    warnings: list[ConfigIssue] = []
+    owner: dict[tuple[str, int], str] = {}
+    labels: dict[str, tuple[str, str]] = {}  # key -> (value, shard)
+    mtus: dict[str, tuple[int, str]] = {}  # vip -> (mtu, shard)
+    pool: set[str] = set()
+    entries: list[PortConfig] = []
+    for name, config in sorted(shards, key=lambda s: s[0]):
+        pool.update(config.vip_pool)
+        warnings.extend(in_configmap(name, w) for w in config.warnings)
+        for key, value in config.labels:
+            have = labels.setdefault(key, (value, name))
+            if have[0] != value:
+                issues.append(in_configmap(name, ConfigIssue(
+                    _join("labels", key, quote=True), f"{value!r} here, {have[0]!r} in ConfigMap {have[1]}")))
+        for vip, mtu in config.mtu:
+            had = mtus.setdefault(vip, (mtu, name))
+            if had[0] != mtu:
+                section = "mtuConfig6" if ":" in vip else "mtuConfig"
+                issues.append(in_configmap(name, ConfigIssue(
+                    _join(section, vip, quote=True), f"{mtu} here, {had[0]} in ConfigMap {had[1]}")))
+        for e in config.entries:
+            first = owner.setdefault((e.vip, e.port), name)
+            if first != name:
+                section = "config" if e.family == 4 else "config6"
+                issues.append(in_configmap(name, ConfigIssue(
+                    _join(_join(section, e.vip, quote=True), str(e.port), quote=True),
+                    f"also configured in ConfigMap {first}")))
+            else:
+                entries.append(e)
+    if issues:
+        raise ConfigError(issues)
+    return LBConfig(
+        vip_pool=tuple(sorted(pool, key=address_sort_key)),
+        labels=tuple(sorted((k, v) for k, (v, _) in labels.items())),
+        mtu=tuple(sorted(((vip, m) for vip, (m, _) in mtus.items()), key=lambda x: address_sort_key(x[0]))),
+        entries=tuple(sorted(entries, key=lambda e: (*address_sort_key(e.vip), e.port))),
+        warnings=tuple(warnings),
+    )
 
 
 # --------------------------------------------------------------------------------------------

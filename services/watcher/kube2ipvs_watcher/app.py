@@ -240,13 +240,15 @@ class WatcherApp:
             log.warning("event=config-rejected reason=%s", notice.reason)
             if self._events is not None:
                 self._spawn(self._event(
-                    self._events.config_rejected, s.configmap_namespace, s.configmap_name, notice.reason, notice.uid))
+                    self._events.config_rejected, s.configmap_namespace, notice.name or s.configmap_name,
+                    notice.reason, notice.uid))
         elif isinstance(notice, ConfigHeld):
             self.rejections.appendleft(Rejection(time.time(), "held", notice.reason))
             log.warning("event=config-held reason=%s", notice.reason)
             if self._events is not None:
                 self._spawn(self._event(
-                    self._events.config_held, s.configmap_namespace, s.configmap_name, notice.reason, notice.uid))
+                    self._events.config_held, s.configmap_namespace, notice.name or s.configmap_name,
+                    notice.reason, notice.uid))
         else:
             log.info("event=config-accepted entries=%d warnings=%d", notice.entries, len(notice.warnings))
             for warning in notice.warnings:

@@ -9,6 +9,11 @@ which LB config is in force:
   left behind never waves through a later config.
 `ready` turns true only once every kind has had its initial list (Resync): nothing is published
 from a partial picture.
+
+A config too large for one ConfigMap (1 MiB, about 10,000 VIP:ports) is split over several:
+with `configmap_selector`, the config is every ConfigMap of the namespace carrying those labels,
+merged (lbconfig.merge_lbconfigs); a problem in any of them rejects the whole, named by the
+ConfigMap it is in, and the last good merged config stays in force.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ from kube2ipvs.kube import endpointslice_from_object, node_from_object, service_
 from kube2ipvs.lbconfig import (
     EMPTY_CONFIG,
     ConfigError,
+    ConfigIssue,
     DefaultService,
     LBConfig,
     Protocol,
     RemovalCheck,
     configmap_value,
+    in_configmap,
+    merge_lbconfigs,
     parse_lbconfig,
     removal_check,
     with_default_service,
@@ -50,6 +58,9 @@ class WatcherSettings:
     configmap_namespace: str = "platform-load-balancer"
     configmap_name: str = "kube2ipvs"
     config_key: str | None = None
+    # Labels that select the ConfigMaps of a config split over several (None: the one ConfigMap
+    # named configmap_name). Equality only: (("kube2ipvs.io/config", "green"),).
+    configmap_selector: tuple[tuple[str, str], ...] | None = None
     default_service: DefaultService | None = None
     exclude_cordoned: bool = False
     max_removal_share: float = 0.5
@@ -67,6 +78,7 @@ class ConfigRejected:
     reason: str
     errors: tuple[str, ...]
     uid: str | None = None  # of the ConfigMap, so its Events show in `kubectl describe`
+    name: str | None = None  # of the ConfigMap at fault (None: the configured one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +86,13 @@ class ConfigHeld:
     check: RemovalCheck
     token: str
     uid: str | None = None
+    name: str | None = None
+    sharded: bool = False
 
     @property
     def reason(self) -> str:
-        return (f"config held: it {self.check.describe()}; to apply it, annotate the ConfigMap "
+        where = "any one of the LB ConfigMaps" if self.sharded else "the ConfigMap"
+        return (f"config held: it {self.check.describe()}; to apply it, annotate {where} "
                 f"{CONFIRM_ANNOTATION}={self.token}")
 
 
@@ -116,6 +131,7 @@ class WatcherCore:
         self._normalizer = Normalizer(EMPTY_CONFIG, exclude_cordoned=settings.exclude_cordoned)
         self._objects = _Objects()
         self._in_force: LBConfig | frozenset[tuple[str, int, Protocol]] | None = None
+        self._shards: dict[str, dict[str, Any]] = {}  # name -> ConfigMap, with configmap_selector
         self.config_status = ConfigStatus()
         self.changed = False  # something that may change the state arrived since state() was last read
 
@@ -160,6 +176,9 @@ class WatcherCore:
             del self._objects.skips[key]
         if item.kind == "ConfigMap":
             mine = [o for o in item.objects if self._is_our_configmap(o)]
+            if self.settings.configmap_selector is not None:
+                self._shards = {_name(o): o for o in mine}
+                return self._sharded()
             return self._configmap(mine[0] if mine else None)
         if item.kind == "Node":
             self._normalizer.replace_nodes(self._parse_all(item, node_from_object))
@@ -191,6 +210,8 @@ class WatcherCore:
         obj, kind = item.obj, item.kind
         deleted = item.type == "DELETED"
         if kind == "ConfigMap":
+            if self.settings.configmap_selector is not None:
+                return self._shard_event(obj, deleted)
             if not self._is_our_configmap(obj):
                 return []
             return self._configmap(None if deleted else obj)
@@ -215,34 +236,84 @@ class WatcherCore:
         return []
 
     def _is_our_configmap(self, obj: dict[str, Any]) -> bool:
-        return object_key(obj) == f"{self.settings.configmap_namespace}/{self.settings.configmap_name}"
+        selector = self.settings.configmap_selector
+        if selector is None:
+            return object_key(obj) == f"{self.settings.configmap_namespace}/{self.settings.configmap_name}"
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") if isinstance(meta, dict) else None
+        return (isinstance(labels, dict) and meta.get("namespace") == self.settings.configmap_namespace
+                and all(labels.get(k) == v for k, v in selector))
+
+    def _shard_event(self, obj: dict[str, Any], deleted: bool) -> list[Notice]:
+        name = _name(obj)
+        if not deleted and self._is_our_configmap(obj):
+            self._shards[name] = obj
+        elif (obj.get("metadata") or {}).get("namespace") != self.settings.configmap_namespace \
+                or self._shards.pop(name, None) is None:  # (deleted, or no longer labelled: its part goes)
+            return []  # not one of ours, and never was
+        return self._sharded()
 
     def _configmap(self, obj: dict[str, Any] | None) -> list[Notice]:
-        status = self.config_status
-        text: str | None = None
-        if obj is None:
-            config = EMPTY_CONFIG  # the ConfigMap is gone: that is a request to remove everything
-        else:
+        if obj is None:  # the ConfigMap is gone: that is a request to remove everything
+            return self._settle(EMPTY_CONFIG, None, [])
+        try:
+            text, _key = configmap_value(obj, self.settings.config_key)
+            config = parse_lbconfig(text)
+        except ConfigError as exc:
+            return self._reject(exc, obj)
+        return self._settle(config, text, [obj])
+
+    def _sharded(self) -> list[Notice]:
+        """The merged config of every shard held; a problem in any rejects the whole."""
+        if not self._shards:
+            return self._configmap(None)
+        shards = [self._shards[name] for name in sorted(self._shards)]
+        parsed: list[tuple[str, LBConfig]] = []
+        texts: list[str] = []
+        issues: list[ConfigIssue] = []
+        first_bad: dict[str, Any] | None = None
+        for obj in shards:
             try:
                 text, _key = configmap_value(obj, self.settings.config_key)
-                config = parse_lbconfig(text)
+                parsed.append((_name(obj), parse_lbconfig(text)))
+                texts.append(f"{_name(obj)}\n{text}")
             except ConfigError as exc:
-                rejected = ConfigRejected(reason=exc.summary(), errors=tuple(str(i) for i in exc.issues),
-                                          uid=_uid(obj))
-                if status.rejected is None:
-                    status.since = self._clock()
-                status.rejected = rejected
-                status.held = None
-                return [rejected]
+                issues.extend(in_configmap(_name(obj), i) for i in exc.issues)
+                first_bad = first_bad or obj
+        if issues:
+            return self._reject(ConfigError(issues), first_bad)
+        try:
+            config = merge_lbconfigs(parsed)
+        except ConfigError as exc:
+            # Name the ConfigMap of the first conflict: its issue path starts "ConfigMap <name>,".
+            at = exc.issues[0].path.removeprefix("ConfigMap ").split(",", 1)[0]
+            return self._reject(exc, self._shards.get(at, shards[0]))
+        return self._settle(config, "\n".join(texts), shards)
+
+    def _reject(self, exc: ConfigError, obj: dict[str, Any] | None) -> list[Notice]:
+        status = self.config_status
+        rejected = ConfigRejected(reason=exc.summary(), errors=tuple(str(i) for i in exc.issues),
+                                  uid=_uid(obj), name=_name(obj) if obj is not None else None)
+        if status.rejected is None:
+            status.since = self._clock()
+        status.rejected = rejected
+        status.held = None
+        return [rejected]
+
+    def _settle(self, config: LBConfig, text: str | None, objs: list[dict[str, Any]]) -> list[Notice]:
+        """`config` (from `text`, in the ConfigMaps `objs`) goes in force, or is held back."""
+        status = self.config_status
         if self.settings.default_service is not None:
             config = with_default_service(config, self.settings.default_service)
         status.rejected = None
 
         check = removal_check(self._in_force, config, max_share=self.settings.max_removal_share)
         token = confirm_token(text)
-        annotations = ((obj or {}).get("metadata") or {}).get("annotations") or {}
-        if check.exceeds and annotations.get(CONFIRM_ANNOTATION) != token:
-            held = ConfigHeld(check=check, token=token, uid=_uid(obj))
+        confirmed = any(_annotations(o).get(CONFIRM_ANNOTATION) == token for o in objs)
+        if check.exceeds and not confirmed:
+            first = objs[0] if objs else None
+            held = ConfigHeld(check=check, token=token, uid=_uid(first), name=_name(first) if first else None,
+                              sharded=self.settings.configmap_selector is not None)
             if status.held is None:
                 status.since = self._clock()
             # Until confirmed, the config in force stays; after a restart, nothing is published at
@@ -258,6 +329,18 @@ class WatcherCore:
         if config != self._normalizer.config:
             self._normalizer.set_config(config)
         return [ConfigAccepted(entries=len(config.entries), warnings=status.warnings)]
+
+
+def _name(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) else ""
+
+
+def _annotations(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    return annotations if isinstance(annotations, dict) else {}
 
 
 def _uid(obj: dict[str, Any] | None) -> str | None:

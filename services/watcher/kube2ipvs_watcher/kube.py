@@ -179,6 +179,7 @@ class KubeSource:
     """Lists and watches the four kinds; `run(sink)` runs until cancelled (see the module docstring)."""
 
     def __init__(self, api_client: ApiClient, *, configmap_namespace: str, configmap_name: str,
+                 configmap_selector: tuple[tuple[str, str], ...] | None = None,
                  backoff_initial: float = 0.2, backoff_max: float = 30.0, watch_timeout_seconds: int = 300,
                  list_page_size: int = 500, request_timeout: float = 60.0, connect_timeout: float = 10.0,
                  stats: KubeSourceStats | None = None, rng: random.Random | None = None) -> None:
@@ -193,7 +194,10 @@ class KubeSource:
             _Resource("Service", "v1", core.list_service_for_all_namespaces),
             _Resource("EndpointSlice", "discovery.k8s.io/v1", discovery.list_endpoint_slice_for_all_namespaces),
             _Resource("ConfigMap", "v1", partial(core.list_namespaced_config_map, configmap_namespace,
-                                                 field_selector=f"metadata.name={configmap_name}")),
+                                                 field_selector=f"metadata.name={configmap_name}")
+                      if configmap_selector is None else
+                      partial(core.list_namespaced_config_map, configmap_namespace,
+                              label_selector=",".join(f"{k}={v}" for k, v in configmap_selector))),
         )
         self._backoff_initial, self._backoff_max = backoff_initial, backoff_max
         self._watch_timeout = watch_timeout_seconds

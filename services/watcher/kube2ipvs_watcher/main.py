@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kube2ipvs.lbconfig import DefaultService
+from kube2ipvs.lbconfig import DefaultService, parse_label_selector
 from kube2ipvs.natskv import KVPublisher, StatusBoard
 from kube2ipvs.roleargs import (
     RoleParser,
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--configmap-namespace", default="platform-load-balancer", help="namespace of the LB ConfigMap")
     add(p, "--configmap-name", default="kube2ipvs", help="name of the LB ConfigMap")
     add(p, "--config-key", metavar="K", help="data key of the ConfigMap (optional when it has one key)")
+    add(p, "--configmap-selector", type=label_selector, metavar="KEY=VALUE[,...]",
+        help="a config split over several ConfigMaps (one holds at most 1 MiB, about 10,000 VIP:ports): every "
+             "ConfigMap of --configmap-namespace with these labels, merged; replaces --configmap-name")
     add(p, "--default-service", metavar="NS/SVC:PORTNAME", help='the "unicorns" service on every pool VIP')
     add(p, "--default-port", type=int, default=70, metavar="PORT", help="port of --default-service (default 70)")
     add(p, "--exclude-cordoned", action="store_true", help="cordoned nodes are not backends")
@@ -67,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def label_selector(text: str) -> tuple[tuple[str, str], ...]:
+    try:
+        return parse_label_selector(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def watcher_settings(args: argparse.Namespace) -> WatcherSettings:
     default = None
     if args.default_service:
@@ -76,7 +86,8 @@ def watcher_settings(args: argparse.Namespace) -> WatcherSettings:
             raise RoleUsageError(f"--default-service: {exc}") from None
     return WatcherSettings(
         configmap_namespace=args.configmap_namespace, configmap_name=args.configmap_name,
-        config_key=args.config_key, default_service=default, exclude_cordoned=args.exclude_cordoned,
+        config_key=args.config_key, configmap_selector=args.configmap_selector, default_service=default,
+        exclude_cordoned=args.exclude_cordoned,
         max_removal_share=args.max_removal_share,
     )
 
@@ -87,7 +98,7 @@ async def _kubernetes(args: argparse.Namespace) -> tuple[Source, Leadership | No
 
     client = await load_api_client(args.kubeconfig)
     source = kube.KubeSource(client, configmap_namespace=args.configmap_namespace,
-                             configmap_name=args.configmap_name)
+                             configmap_name=args.configmap_name, configmap_selector=args.configmap_selector)
     leadership = None
     if args.leader_elect:
         leadership = kube.LeaderElector(client, namespace=args.lease_namespace, name=args.lease_name,
@@ -117,7 +128,9 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         WatcherCore(settings, clock=asyncio.get_running_loop().time),
         source=source, publisher=publisher, leadership=leadership, events=events,
         settings=AppSettings(min_interval=args.min_interval),
-        describe={"source": args.source, "configmap": f"{settings.configmap_namespace}/{settings.configmap_name}",
+        describe={"source": args.source, "configmap": f"{settings.configmap_namespace}/{settings.configmap_name}"
+                  if settings.configmap_selector is None else f"{settings.configmap_namespace}/*, labelled "
+                  + ",".join(f"{k}={v}" for k, v in settings.configmap_selector),
                   "config_key": settings.config_key, "max_removal_share": settings.max_removal_share,
                   "min_interval": args.min_interval, "nats": nats.describe(),
                   "leader_elect": leadership is not None, "identity": args.identity},
