@@ -25,7 +25,7 @@ from kube2ipvs.statusserver import ConfigResponse, StatusServer
 from kube2ipvs_director.app import DirectorApp, DirectorSettings, cleanup, default_vs_sysctls
 from kube2ipvs_director.host import FakeHost
 from kube2ipvs_director.kernel import FakeIpvs
-from kube2ipvs_director.plan import AddDest, EditDest, ObservedService, ServiceId, Timeouts
+from kube2ipvs_director.plan import AddDest, DelDest, DelService, EditDest, ObservedService, ServiceId, Timeouts
 from tests.builders import config, endpointslice, node, service, web_entry
 
 WEB = service("shop", "web", ("http", 80, "TCP"))
@@ -335,6 +335,18 @@ def test_the_loop_follows_states_published_on_nats_publishes_readiness_and_keeps
         asyncio.run(scenario())
 
 
+def assert_vip_books_agree_with_a_recount(app: DirectorApp, ipvs: FakeIpvs, host: FakeHost,
+                                          state: ClusterState) -> None:
+    """What a change keeps up to date without looking at every VIP, against the same counted whole."""
+    held = [s for s in ipvs.services.values() if s.id.vip in app.owned_vips]  # (not counted as a dump)
+    assert app.owned_vips >= set(state.vips)
+    assert app.served_vips == {svc.vip for svc in app.desired} | {s.id.vip for s in held}
+    assert host.ours == app.served_vips
+    assert app.readiness()["vips"] == sorted(app.served_vips)
+    assert app.registry.get_sample_value("kube2ipvs_director_virtual_services") == len(held)
+    assert app.registry.get_sample_value("kube2ipvs_director_real_servers") == sum(len(s.dests) for s in held)
+
+
 # Steps of (pod address, node) endpoints, and the VIPs a state configures.
 STEPS = st.lists(st.lists(st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.1.1", "10.0.1.2"]),
                                     st.sampled_from(["a", "b"])), unique_by=lambda e: e[0], max_size=4),
@@ -390,12 +402,91 @@ def test_following_the_subscribers_deltas_does_exactly_what_comparing_everything
         assert fast.observed == fast_ipvs.observe()
         assert fast.desired == slow.desired
         assert fast.served_vips == slow.served_vips
-        owned = [s for s in fast_ipvs.observe().services if s.id.vip in fast.owned_vips]  # counted whole
-        assert fast.registry.get_sample_value("kube2ipvs_director_virtual_services") == len(owned)
-        assert fast.registry.get_sample_value("kube2ipvs_director_real_servers") == sum(len(s.dests) for s in owned)
+        assert isinstance(fast.host, FakeHost)
+        assert_vip_books_agree_with_a_recount(fast, fast_ipvs, fast.host, state)
     assert fast_ipvs.observe() == slow_ipvs.observe()
     fast.close()
     slow.close()
+
+
+class Subscriber:
+    """States as a director's subscriber assembles them: each names what changed since the last."""
+
+    def __init__(self) -> None:
+        from kube2ipvs.protocol import Assembler, Encoded
+
+        self._assembler = Assembler()
+        self._previous: Encoded | None = None
+
+    def assembled(self, generation: int, endpoints: Sequence[tuple[str, str]], vips: Sequence[str]) -> ClusterState:
+        from kube2ipvs.protocol import encode_state, plan_writes
+
+        encoded = encode_state(cluster(generation, endpoints, vips=vips))
+        for w in plan_writes(self._previous, encoded):
+            self._assembler.update(w.key, w.value)
+        self._previous = encoded
+        state = self._assembler.complete()
+        assert state is not None
+        return state
+
+
+def test_vips_leaving_and_coming_back_between_changes_keep_addresses_ownership_and_counts_right(
+    tmp_path: Path,
+) -> None:
+    """The VIP sets a change path keeps (built again only when the VIPs or the services of a VIP
+    change) against a recount, through states that follow each other by deltas, a drain that
+    outlives its VIP's configuration, and a state without a delta."""
+    assembled = Subscriber().assembled
+    state_file = tmp_path / "director.json"
+    ipvs, host = CountingIpvs(), FakeHost()
+    app = director(ipvs, host, state_file=state_file, drain_timeout=300)
+    both, one = ("192.0.2.1", "192.0.2.2"), ("192.0.2.1",)
+    second = ServiceId("192.0.2.2", 4, 80, "tcp")
+    state = assembled(1, TWO_NODES, both)
+    reconcile(app, state)
+    assert_vip_books_agree_with_a_recount(app, ipvs, host, state)
+    for address in ("198.51.100.1", "198.51.100.2"):
+        ipvs.connect(second, address, 80, active=1)
+
+    state = assembled(2, TWO_NODES, one)  # 192.0.2.2 leaves the configuration; its service drains
+    done = reconcile(app, state)
+    assert {(op.service.vip, op.weight) for op in done if isinstance(op, EditDest)} == {("192.0.2.2", 0)}
+    assert "192.0.2.2" in app.owned_vips
+    assert "192.0.2.2" in state_file.read_text()
+    assert_vip_books_agree_with_a_recount(app, ipvs, host, state)
+
+    dumps = ipvs.dumps
+    state = assembled(3, [*TWO_NODES, ("10.0.1.2", "b")], one)  # the VIPs as they were
+    assert reconcile(app, state) == [EditDest(SID, "198.51.100.2", 80, "g", 2, 0, 0)]
+    assert ipvs.dumps == dumps
+    assert_vip_books_agree_with_a_recount(app, ipvs, host, state)
+
+    for address in ("198.51.100.1", "198.51.100.2"):
+        ipvs.connect(second, address, 80, active=0)
+    state = assembled(4, TWO_NODES, one)  # a change that also finds the drain over
+    done = reconcile(app, state)
+    assert "DeleteVip 192.0.2.2" in done
+    assert ipvs.dumps == dumps
+    assert host.ours == {"192.0.2.1"}
+    assert "192.0.2.2" not in state_file.read_text()
+    assert_vip_books_agree_with_a_recount(app, ipvs, host, state)
+
+    # Someone makes a service on 192.0.2.2 while it is not ours (a resync sees it and leaves it)...
+    stray = ServiceId("192.0.2.2", 4, 443, "tcp")
+    ipvs.services[stray] = ObservedService(stray, "rr")
+    assert reconcile(app) == []
+    state = assembled(5, TWO_NODES, both)  # ...then 192.0.2.2 comes back, and that service is ours too
+    assert "AddVip 192.0.2.2" in reconcile(app, state)
+    assert_vip_books_agree_with_a_recount(app, ipvs, host, state)
+
+    state = replace(assembled(6, TWO_NODES, one), delta=None)  # no delta: everything compared
+    done = reconcile(app, state)
+    assert {(op.service.vip, op.weight) for op in done if isinstance(op, EditDest)} == {("192.0.2.2", 0)}
+    assert_vip_books_agree_with_a_recount(app, ipvs, host, state)
+    assert reconcile(app) == [DelDest(second, "198.51.100.1", 80), DelDest(second, "198.51.100.2", 80),
+                              DelService(second), DelService(stray), "DeleteVip 192.0.2.2"]  # no connections
+    assert_vip_books_agree_with_a_recount(app, ipvs, host, state)
+    app.close()
 
 
 def test_counters_are_read_when_metrics_are_scraped_and_scrapes_close_together_share_a_reading() -> None:

@@ -39,7 +39,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Generic, ParamSpec, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -61,6 +61,7 @@ from kube2ipvs.workers import KernelThread, OnDemandReading
 from kube2ipvs_director.garp import GarpSchedule
 from kube2ipvs_director.kernel import ApplyError, Ipvs, KernelError, ServiceStats
 from kube2ipvs_director.plan import (
+    CanonicalVips,
     DelService,
     DestId,
     Observed,
@@ -70,6 +71,7 @@ from kube2ipvs_director.plan import (
     ServiceId,
     Timeouts,
     canonical_ip,
+    canonical_vips,
     cleanup_plan,
     observed_after,
     observed_as_desired,
@@ -83,6 +85,46 @@ log = logging.getLogger("kube2ipvs.director")
 
 FORMATS: Final = ("ipvsadm", "desired", "json")
 DEFAULT_STATE_FILE: Final = "/run/kube2ipvs/director.json"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _SameInputs(Generic[P, T]):
+    """`fn`'s last result, returned again while it is called with the very same objects (not
+    merely equal ones: telling two sets of 10,000 VIPs apart is the work this saves a change).
+    The last call's inputs and result are kept in one attribute, replaced together."""
+
+    __slots__ = ("_fn", "_last")
+
+    def __init__(self, fn: Callable[P, T]) -> None:
+        self._fn = fn
+        self._last: tuple[tuple[object, ...], T] | None = None
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        last = self._last
+        if last is not None and not kwargs and len(args) == len(last[0]) \
+                and all(a is b for a, b in zip(args, last[0], strict=True)):
+            return last[1]
+        value = self._fn(*args, **kwargs)
+        self._last = (args, value)
+        return value
+
+
+def _owned_vips(configured: CanonicalVips, remembered: frozenset[str]) -> CanonicalVips:
+    return CanonicalVips(configured | remembered)
+
+
+def _intersection(a: frozenset[str], b: frozenset[str]) -> frozenset[str]:
+    return a & b
+
+
+def _union(a: frozenset[str], b: frozenset[str]) -> frozenset[str]:
+    return a | b
+
+
+def _sorted(vips: frozenset[str]) -> tuple[str, ...]:
+    return tuple(sorted(vips))
 
 
 class StateSource(SubscriberStatus, Protocol):
@@ -322,9 +364,20 @@ class DirectorApp:
         self.applied: _Applied | None = None
         self.draining: Mapping[DestId, float] = {}
         self.wake_at: float | None = None
-        self.owned_vips: frozenset[str] = frozenset()
+        self.owned_vips: CanonicalVips = CanonicalVips()
         self._remembered: frozenset[str] = load_owned_vips(self.settings.state_file)
+        self._remembered_from: tuple[frozenset[str], frozenset[str]] | None = None  # (configured, still held)
         self.served_vips: frozenset[str] = frozenset()
+        # The VIP sets a change leaves as they were are not built, compared or sorted again: each
+        # is derived from the very objects it was derived from last time, or built anew.
+        self._configured = _SameInputs(canonical_vips)
+        self._owned = _SameInputs(_owned_vips)
+        self._still = _SameInputs(_intersection)
+        self._serving = _SameInputs(_union)
+        self._sorted_vips = _SameInputs(_sorted)
+        # (served, served_vips, ours, foreign) after the last reconcile's address changes: while
+        # they are the same objects, no address is missing and none is left over.
+        self._addresses_for: tuple[frozenset[str], ...] | None = None
         self.last_ops: list[Op | str] = []
         self.apply_error: str | None = None
         self.settings_wrong: dict[str, str] = {}
@@ -345,6 +398,7 @@ class DirectorApp:
         self._touched: set[ServiceId] | None = None
         self._desired_cache: tuple[IpvsService, ...] | None = ()
         self._desired_vips: collections.Counter[str] = collections.Counter()  # desired services per VIP
+        self._desired_vip_set: frozenset[str] | None = None  # its keys (None: they changed)
         # The desired services as last planned: what a change is compared with; and the desired
         # tuple of the last whole plan (a resync with nothing new needs no plan).
         self._want: dict[ServiceId, IpvsService] = {}
@@ -355,8 +409,13 @@ class DirectorApp:
         # real servers), so that a change updates them for what it touched.
         self._observed: dict[ServiceId, ObservedService] | None = None
         self._observed_cache: Observed | None = None
+        # (A VIP is in _observed_vips only while IPVS holds a service of it.) The totals over
+        # the owned VIPs are what the metrics show; recounted only when the owned VIPs change.
         self._observed_vips: collections.Counter[str] = collections.Counter()
         self._observed_dests: collections.Counter[str] = collections.Counter()
+        self._observed_vip_set: frozenset[str] | None = None  # _observed_vips' keys (None: they changed)
+        self._owned_services = 0
+        self._owned_dests = 0
 
     @property
     def desired(self) -> tuple[IpvsService, ...]:
@@ -380,6 +439,8 @@ class DirectorApp:
         self._observed, self._observed_cache = None, None
         self._observed_vips.clear()
         self._observed_dests.clear()
+        self._observed_vip_set = None
+        self._owned_services = self._owned_dests = 0
         if value is not None:
             self._observed = {}
             self._set_observed(value.services)
@@ -389,17 +450,48 @@ class DirectorApp:
         for sid in gone:
             old = self._observed.pop(sid, None)
             if old is not None:
-                self._observed_vips[sid.vip] -= 1
-                self._observed_dests[sid.vip] -= len(old.dests)
+                self._count(sid.vip, -1, -len(old.dests))
         for svc in services:
             old = self._observed.get(svc.id)
             if old is not None:
-                self._observed_dests[svc.id.vip] -= len(old.dests)
+                self._count(svc.id.vip, 0, len(svc.dests) - len(old.dests))
             else:
-                self._observed_vips[svc.id.vip] += 1
+                self._count(svc.id.vip, 1, len(svc.dests))
             self._observed[svc.id] = svc
-            self._observed_dests[svc.id.vip] += len(svc.dests)
         self._observed_cache = None
+
+    def _count(self, vip: str, services: int, dests: int) -> None:
+        """Services and real servers IPVS holds for `vip`, and for the owned VIPs together."""
+        held = self._observed_vips[vip] + services
+        if (held > 0) != (vip in self._observed_vips):
+            self._observed_vip_set = None
+        self._observed_dests[vip] += dests
+        if held > 0:
+            self._observed_vips[vip] = held
+        else:
+            del self._observed_vips[vip]
+            del self._observed_dests[vip]
+        if vip in self.owned_vips:
+            self._owned_services += services
+            self._owned_dests += dests
+
+    def _own(self, owned: CanonicalVips) -> None:
+        """The VIPs owned from now on; what IPVS holds of them recounted."""
+        self.owned_vips = owned
+        self._owned_services = sum(n for vip, n in self._observed_vips.items() if vip in owned)
+        self._owned_dests = sum(n for vip, n in self._observed_dests.items() if vip in owned)
+
+    def _held_vips(self) -> frozenset[str]:
+        """The VIPs IPVS holds a service of (whoever owns them)."""
+        if self._observed_vip_set is None:
+            self._observed_vip_set = frozenset(self._observed_vips)
+        return self._observed_vip_set
+
+    def _desired_vip_keys(self) -> frozenset[str]:
+        """The VIPs with a desired service."""
+        if self._desired_vip_set is None:
+            self._desired_vip_set = frozenset(self._desired_vips)
+        return self._desired_vip_set
 
     # -- running --------------------------------------------------------------------------
 
@@ -475,7 +567,7 @@ class DirectorApp:
         return active
 
     def _claim_vips(self) -> None:
-        served = frozenset(self._desired_vips)
+        served = self._desired_vip_keys()
         ours, foreign = self.host.vip_addresses()
         for vip in sorted(served - ours - foreign):
             self.host.add_vip(vip)
@@ -585,6 +677,7 @@ class DirectorApp:
         else:
             fresh: dict[tuple[str, int, str], tuple[VirtualService, IpvsService, ServiceId]] = {}
             self._desired_vips.clear()
+            self._desired_vip_set = None
             for vs in state.services:
                 if not vs.backends:
                     continue
@@ -604,11 +697,14 @@ class DirectorApp:
         self._desired_vips[hit[2].vip] -= 1
         if self._desired_vips[hit[2].vip] <= 0:
             del self._desired_vips[hit[2].vip]
+            self._desired_vip_set = None
 
     def _remember_desired(self, vs: VirtualService) -> tuple[VirtualService, IpvsService, ServiceId]:
         svc = desired_service(vs, self.settings.mode)
         entry = (vs, svc, service_id(svc))
         self._memo[vs.key] = entry
+        if entry[2].vip not in self._desired_vips:
+            self._desired_vip_set = None
         self._desired_vips[entry[2].vip] += 1
         return entry
 
@@ -623,12 +719,18 @@ class DirectorApp:
             self._ours, self._foreign = self.host.vip_addresses()
         assert self._ours is not None
         assert self._foreign is not None
-        self.owned_vips = frozenset(canonical_ip(v) for v in state.vips) | self._remembered
-        served = frozenset(self._desired_vips) if self.active else frozenset()
-        for vip in sorted(served - self._ours - self._foreign):
-            self.host.add_vip(vip)
-            self._ours = self._ours | {vip}
-            done.append(f"AddVip {vip}")
+        configured = self._configured(state.vips)  # the same tuple while the VIPs are unchanged
+        owned = self._owned(configured, self._remembered)
+        if owned is not self.owned_vips:
+            self._own(owned)
+        served = self._desired_vip_keys() if self.active else frozenset()
+        settled = self._addresses_for
+        if settled is None or served is not settled[0] or self._ours is not settled[2] \
+                or self._foreign is not settled[3]:
+            for vip in sorted(served - self._ours - self._foreign):
+                self.host.add_vip(vip)
+                self._ours = self._ours | {vip}
+                done.append(f"AddVip {vip}")
         observed, result, draining = self._plan_all() if full else self._plan_change()
         self._touched = set()  # planned: the next change starts from here
         if result.ops:
@@ -647,15 +749,17 @@ class DirectorApp:
         self.draining = draining
         self.wake_at = min(start + self.settings.drain_timeout for start in draining.values()) if draining else None
         # Addresses of VIPs whose services are gone (drained real servers keep theirs until then).
-        still = {vip for vip, count in self._observed_vips.items() if count > 0 and vip in self.owned_vips}
-        self.served_vips = served | frozenset(still) if self.active else frozenset()
-        for vip in sorted(self._ours - self.served_vips):
-            self.host.delete_vip(vip)
-            self._ours = self._ours - {vip}
-            done.append(f"DeleteVip {vip}")
-        self._remember(frozenset(canonical_ip(v) for v in state.vips), frozenset(still))
-        self.metrics.services.set(sum(n for vip, n in self._observed_vips.items() if vip in self.owned_vips))
-        self.metrics.real_servers.set(sum(n for vip, n in self._observed_dests.items() if vip in self.owned_vips))
+        still = self._still(self._held_vips(), self.owned_vips)
+        self.served_vips = self._serving(served, still) if self.active else frozenset()
+        if settled is None or self.served_vips is not settled[1] or self._ours is not settled[2]:
+            for vip in sorted(self._ours - self.served_vips):
+                self.host.delete_vip(vip)
+                self._ours = self._ours - {vip}
+                done.append(f"DeleteVip {vip}")
+        self._addresses_for = (served, self.served_vips, self._ours, self._foreign)
+        self._remember(configured, still)
+        self.metrics.services.set(self._owned_services)
+        self.metrics.real_servers.set(self._owned_dests)
         self.metrics.draining.set(len(self.draining))
 
     def _plan_all(self) -> tuple[Observed, Plan, dict[DestId, float]]:
@@ -741,6 +845,10 @@ class DirectorApp:
 
     def _remember(self, configured: frozenset[str], still_in_kernel: frozenset[str]) -> None:
         """Keep owning every VIP configured now or whose services we still hold."""
+        last = self._remembered_from
+        if last is not None and configured is last[0] and still_in_kernel is last[1]:
+            return  # remembered from these very sets last time
+        self._remembered_from = (configured, still_in_kernel)
         remembered = configured | still_in_kernel
         if remembered == self._remembered:
             return
@@ -766,7 +874,7 @@ class DirectorApp:
             "reason": health.reason,
             "generation": self.applied.generation if self.applied else None,
             "content_hash": self.applied.content_hash if self.applied else None,
-            "vips": sorted(self.served_vips),
+            "vips": list(self._sorted_vips(self.served_vips)),
             "at": time.time(),
         }
 
@@ -788,8 +896,8 @@ class DirectorApp:
             **source_detail(self._source),
             "generation_desired": self.state.generation if self.state else None,
             "generation_applied": self.applied.generation if self.applied else None,
-            "virtual_services": len(self.desired),
-            "vips": sorted(self.served_vips),
+            "virtual_services": len(self._memo),
+            "vips": list(self._sorted_vips(self.served_vips)),
             "draining": len(self.draining),
             "settings_wrong": self.settings_wrong,
             "last_apply_at": self.last_apply_at,
@@ -822,8 +930,8 @@ class DirectorApp:
                 "role": "director",
                 "settings": self._describe,
                 "generation_applied": self.applied.generation if self.applied else None,
-                "virtual_services": len(self.desired),
-                "vips": sorted(self.served_vips),
+                "virtual_services": len(self._memo),
+                "vips": list(self._sorted_vips(self.served_vips)),
                 "skipped": list(self.skipped),
                 "apply_error": self.apply_error,
                 "formats": list(FORMATS),

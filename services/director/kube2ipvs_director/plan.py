@@ -176,6 +176,21 @@ def canonical_ip(address: str) -> str:
     return canonical_address(address) or address
 
 
+class CanonicalVips(frozenset[str]):
+    """VIP addresses known to be canonical (made by `canonical_vips`): `plan()` takes them as
+    they are, where any other collection is canonicalized address by address on every call."""
+
+    __slots__ = ()
+
+
+def canonical_vips(addresses: Iterable[str]) -> CanonicalVips:
+    return CanonicalVips(canonical_ip(a) for a in addresses)
+
+
+def _canonical(vips: Collection[str]) -> frozenset[str]:
+    return vips if isinstance(vips, CanonicalVips) else canonical_vips(vips)
+
+
 @lru_cache(maxsize=1 << 17)
 def _ip_order(address: str) -> tuple[int, int, str]:
     try:
@@ -284,11 +299,12 @@ def plan(
 ) -> Plan:
     """The ops that turn the owned part of `observed` into `desired`; no ops when they agree.
 
-    `owned_vips`: the configured VIPs; only services on them are created, changed or deleted.
+    `owned_vips`: the configured VIPs; only services on them are created, changed or deleted
+    (a `CanonicalVips` as it is: a change's plan then costs nothing per VIP).
     `draining`: the previous plan's `draining`; `now`: the current time, on the same clock.
     Never raises on bad input: a desired service that cannot be applied is skipped, with why.
     """
-    owned = {canonical_ip(v) for v in owned_vips}
+    owned = _canonical(owned_vips)
     skipped: list[str] = []
     wanted: dict[ServiceId, IpvsService] = {}
     for svc in desired:
@@ -309,7 +325,7 @@ def plan(
 
 def cleanup_plan(observed: Observed, *, owned_vips: Collection[str]) -> tuple[Op, ...]:
     """Remove every service we own at once (`--cleanup`); deleting a service removes its dests."""
-    owned = {canonical_ip(v) for v in owned_vips}
+    owned = _canonical(owned_vips)
     return tuple(DelService(s.id) for s in sorted(observed.services, key=lambda s: service_order(s.id))
                  if s.id.vip in owned)
 
@@ -350,7 +366,7 @@ def observed_as_desired(observed: Observed, owned_vips: Collection[str]) -> tupl
     """The owned services the kernel holds, as `IpvsService`s: what `/config?format=ipvsadm`
     renders, so it compares line by line with `kube2ipvs rules --format ipvsadm`. Real servers of
     a forwarding method we never program (NAT, local) are shown as they are not: left out."""
-    owned = {canonical_ip(v) for v in owned_vips}
+    owned = _canonical(owned_vips)
     out = []
     for s in sorted(observed.services, key=lambda s: service_order(s.id)):
         if s.id.vip not in owned:
