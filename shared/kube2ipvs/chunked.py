@@ -108,7 +108,7 @@ class HoleyChunks(Generic[T]):
         frozen, size = self._frozen, self._chunk
         for c, chunk in enumerate(frozen):
             if chunk is None:
-                frozen[c] = tuple(x for x in items[c * size:(c + 1) * size] if x is not None)
+                frozen[c] = tuple([x for x in items[c * size:(c + 1) * size] if x is not None])
         return Chunked(frozen)  # type: ignore[arg-type]  # every chunk was filled just now
 
 
