@@ -22,7 +22,7 @@ PYTEST := $(VENV)/bin/pytest
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install system-packages lint test test-vm soak lab bench clean
+.PHONY: help install system-packages lint test test-vm soak lab bench bench-scaling clean
 
 help:
 	@echo "make install   system packages (apt) + .venv with the project and its dev tools"
@@ -32,6 +32,7 @@ help:
 	@echo "make soak      the load test for 10 minutes: 200 endpoint changes/s end to end (make test runs 60 s)"
 	@echo "make lab       the whole system on this host, in network namespaces (root; lab/README.md)"
 	@echo "make bench     every benchmark, then docs/performance.md and bench/results.json (BENCH_ARGS=--scale 0.1: quick)"
+	@echo "make bench-scaling  every benchmark at 1k, 10k and 30k VIP:ports (bench/results/scaling/; BENCH_ARGS=--skip-vm)"
 	@echo "make clean     remove .venv and caches"
 
 install: system-packages $(STAMP) $(GOBGP_STAMP)
@@ -157,7 +158,14 @@ bench: install
 	$(VPY) bench/bench_resources.py --scale 0.1 --idle-seconds 30 --load-seconds 30
 	$(VPY) bench/bench_resources.py --idle-seconds 30 --load-seconds 30 --repeat 3
 	bench/run_director_bench.sh $(BENCH_ARGS)
+	-$(VPY) bench/bench_scaling.py
 	$(VPY) bench/report.py
+
+# The scaling curves (issue 10): each benchmark at 1k, 10k and 30k VIP:ports, one subprocess per
+# size; bench/report.py renders them as one table. Hours at full size (the VM's 30k most of it).
+# It exits 1 when a step failed or timed out; in `make bench` (the leading -) the report still runs.
+bench-scaling: install
+	$(VPY) bench/bench_scaling.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

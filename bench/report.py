@@ -278,6 +278,147 @@ def change_scaling_section(d: Doc) -> list[str]:
             *table(("VIP:ports", "watcher", "subscriber", "director", "total"), rows)]
 
 
+# -- scaling curves: one table over bench/results/scaling/ (bench_scaling.py) ------------------------
+
+SCALING_TITLE: Final = "Scaling curves at 1k, 10k and 30k VIP:ports (`bench_scaling.py`)"
+SCALING_BENCHES: Final = ("watcher", "change_scaling", "realserver", "dsr", "bgp", "resources", "director")
+
+
+def median_range(doc: Any) -> str:
+    """`median (min-max, n=runs)` in ms of a {median_ms, min_ms, max_ms, runs} dict."""
+    if not isinstance(doc, dict) or "median_ms" not in doc:
+        return "-"
+    return (f"{num(doc['median_ms'], 2)} ({num(doc.get('min_ms'), 2)}-{num(doc.get('max_ms'), 2)}, "
+            f"n={doc.get('runs', '?')})")
+
+
+def _pair(a: Any, b: Any, scale: float = 1.0, digits: int = 2) -> str:
+    if not isinstance(a, int | float) or not isinstance(b, int | float):
+        return "-"
+    return f"{num(float(a) * scale, digits)} / {num(float(b) * scale, digits)}"
+
+
+def _ratio(first: Any, last: Any) -> str:
+    if isinstance(first, int | float) and isinstance(last, int | float) and first > 0:
+        return f"{num(last / first, 2)}x"
+    return ""
+
+
+def _stage(d: Doc, stage: str) -> Doc:
+    runs = d.get("runs") or [{}]
+    return get(runs[0], f"stages.{stage}", {}) or {}
+
+
+# A row: label, step, the cell, and for one-change rows the median compared across sizes.
+ScalingRow = tuple[str, str, Callable[[Doc], str], Callable[[Doc], Any] | None]
+SCALING_ROWS: Final[tuple[ScalingRow, ...]] = (
+    ("cluster: nodes / endpoints (watcher)", "watcher",
+     lambda d: f"{num(d.get('nodes'))} / {num(d.get('endpoints'))}", None),
+    ("watcher: initial list → first complete publish, s", "watcher",
+     lambda d: num(d.get("initial_list_to_first_publish_s"), 2), None),
+    ("watcher: one change → published, p50 / p99 ms", "watcher",
+     lambda d: _pair(d.get("change_to_publish_p50_s"), d.get("change_to_publish_p99_s"), 1000, 1),
+     lambda d: d.get("change_to_publish_p50_s")),
+    ("watcher: max RSS, MiB", "watcher",
+     lambda d: num(d["max_rss_bytes"] / 2**20, 0) if isinstance(d.get("max_rss_bytes"), int) else "-", None),
+    *((f"one change in one process: {stage}, median / p99 ms", "change_scaling",
+       (lambda d, s=stage: _pair(_stage(d, s).get("median_ms"), _stage(d, s).get("p99_ms"))),
+       (lambda d, s=stage: _stage(d, s).get("median_ms")))
+      for stage in ("watcher", "subscriber", "director", "total")),
+    ("realserver: full load (libnftables), ms median (min-max)", "realserver",
+     lambda d: median_range(d.get("full_apply_libnftables")), None),
+    ("realserver: one-endpoint delta (libnftables), ms median (min-max)", "realserver",
+     lambda d: median_range(d.get("incremental_libnftables")), lambda d: get(d, "incremental_libnftables.median_ms")),
+    ("realserver: whole reconcile of one change, ms median (min-max)", "realserver",
+     lambda d: median_range(d.get("realserver_reconcile")), lambda d: get(d, "realserver_reconcile.median_ms")),
+    ("nftables dataplane (director): first load, s", "dsr", lambda d: num(d.get("full_load_s"), 2), None),
+    ("nftables dataplane: one weight change, median / p99 ms", "dsr",
+     lambda d: _pair(get(d, "change_ms.median"), get(d, "change_ms.p99")), lambda d: get(d, "change_ms.median")),
+    ("nftables dataplane: first-load peak RSS growth, MB", "dsr",
+     lambda d: num(d.get("full_load_peak_rss_growth_mb")), None),
+    ("BGP: all VIPs → in gobgpd / in FRR, s", "bgp",
+     lambda d: f"{_pair(get(d, 'bulk_s.to_gobgpd'), get(d, 'bulk_s.to_frr'), 1, 3)} ({num(d.get('vips'))} VIPs)",
+     None),
+    ("VM director (IPVS): full load observe + plan + apply, ms median (min-max)", "director",
+     lambda d: median_range(get(d, "full_director.observe_plan_apply")), None),
+    ("VM director: one weight change plan + apply, ms median (min-max)", "director",
+     lambda d: median_range(get(d, "change_weight_director.plan_apply_observed_after")),
+     lambda d: get(d, "change_weight_director.plan_apply_observed_after.median_ms")),
+)
+
+
+def load_scaling(results: Path) -> tuple[Doc | None, dict[str, Doc]]:
+    """bench_scaling.json (the index) and every scaling/<step>-<size>.json, by `<step>-<size>`."""
+    try:
+        index = json.loads((results / "bench_scaling.json").read_text())
+    except (OSError, ValueError):
+        index = None
+    docs: dict[str, Doc] = {}
+    for path in sorted((results / "scaling").glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            docs[path.stem] = json.loads(path.read_text())
+    return index if isinstance(index, dict) else None, docs
+
+
+def scaling_section(index: Doc | None, docs: dict[str, Doc]) -> list[str]:
+    """One row per metric, one column per size. With an index, a step's JSON counts only when the
+    index says the step ran and wrote it (files of older runs left beside it are not shown)."""
+    steps = {f"{s.get('bench')}-{s.get('size')}": s for s in (index or {}).get("steps", []) if isinstance(s, dict)}
+    if index is not None:
+        sizes = sorted(int(x) for x in index.get("sizes", []))
+        have = {k: docs[k] for k, s in steps.items() if s.get("output") and k in docs}
+    else:
+        sizes = sorted({int(k.rsplit("-", 1)[1]) for k in docs if k.rsplit("-", 1)[-1].isdigit()})
+        have = docs
+
+    def why(bench: str, size: int) -> str:
+        s = steps.get(f"{bench}-{size}")
+        if s is None:
+            return "not run"
+        return f"{s.get('status')}: {s.get('reason') or 'no results'}"
+
+    if not sizes:
+        return ["No size has run yet (`bench/bench_scaling.py`).", ""]
+
+    ratio_head = f"{num(sizes[-1])} / {num(sizes[0])}" if len(sizes) > 1 else ""
+    header = ("metric", *(f"{num(n)} VIP:ports" for n in sizes), *((f"x ({ratio_head})",) if ratio_head else ()))
+    rows: list[tuple[Any, ...]] = []
+    for label, bench, cell, median in SCALING_ROWS:
+        found = [have.get(f"{bench}-{n}") for n in sizes]
+        ratio = (_ratio(*(median(d) if median and d else None for d in (found[0], found[-1]))),) \
+            if ratio_head else ()
+        rows.append((label, *(cell(d) if d else "-" for d in found), *ratio))
+    memory = [have.get(f"resources-{n}") for n in sizes]
+    names = list(dict.fromkeys(name for d in memory if d for name in (d.get("services") or {})))
+    for i, name in enumerate(names or ["each service"]):
+        cells = []
+        for n, d in zip(sizes, memory, strict=True):
+            r = get(d, f"services.{name}") if d else None
+            # The reason once, in the first memory row; it would only repeat in the others.
+            cells.append(f"{num(r.get('rss_mib_converged'))} ({num(r.get('hwm_mib'))})" if isinstance(r, dict)
+                         else "-" if d else f"not run: {why('resources', n)}" if i == 0 else "not run")
+        rows.append((f"memory: {name}, RSS MiB converged (peak)", *cells, *(("",) if ratio_head else ())))
+    missing = [f"`{b}` at {num(n)}: {why(b, n)}" for n in sizes for b in SCALING_BENCHES
+               if f"{b}-{n}" not in have]
+    repeat = get(index, "settings.repeat")
+    lines = [
+        "Each size is bench_render's cluster of that many VIP:ports with about 10 endpoints each; the scripts scale "
+        "the nodes with it (`--scale`: 1,000 at 10k), so the node count is in the first row. Each step is one "
+        "subprocess per size (`bench/bench_scaling.py`). Spread: the realserver's full loads"
+        + (f" and the VM director's full loads (`--repeat {repeat}`, the director's within a time budget, so "
+           "n says how many ran)" if repeat else " and the VM director's full loads (n runs)")
+        + " are medians with min-max over runs; the one-change rows are medians with p99 or min-max over many "
+        "changes in one run. The watcher's full publish, the dataplane's first load, BGP and the memory figures "
+        "are one run per size: no spread is claimed for them. The nftables dataplane gives each VIP:port 10 nodes of "
+        "its own; the VM director's benchmark synthesizes 5 real servers per service (TCG emulation: compare "
+        "sizes, not absolute times). The last column divides the largest size's median by the smallest's "
+        "for the one-change rows: 1x is a change that costs the same whatever the cluster's size.", "",
+        *table(header, rows)]
+    if missing:
+        lines += ["Did not run (no figures): " + "; ".join(missing) + ".", ""]
+    return lines
+
+
 SECTIONS: Final[tuple[tuple[str, str, Callable[[Doc], list[str]]], ...]] = (
     ("bench_render", "Parsing, normalizing and rendering at cluster scale (`bench_render.py`)", render_section),
     ("bench_watcher", "The watcher with a real nats-server (`bench_watcher.py`)", watcher_section),
@@ -325,6 +466,12 @@ def main() -> int:
         lines += [f"## {title}", "", *section(doc)]
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(path.stat().st_mtime))
         lines += [f"_Results of {when} UTC._", ""]
+    index, scaling = load_scaling(args.results)
+    if index is not None or scaling:
+        collected["bench_scaling"] = {"index": index, "results": scaling}
+        lines += [f"## {SCALING_TITLE}", "", *scaling_section(index, scaling)]
+    else:
+        missing.append("bench_scaling")
     if missing:
         lines += ["## Not run", "", "No results for: " + ", ".join(f"`{m}`" for m in missing) + ".", ""]
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
