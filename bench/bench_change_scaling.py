@@ -46,9 +46,9 @@ def figures(seconds: list[float]) -> dict[str, float]:
             "min_ms": round(ordered[0] * 1000, 3), "max_ms": round(ordered[-1] * 1000, 3), "runs": len(ordered)}
 
 
-def measure(size: int, changes: int, seed: int) -> dict[str, Any]:
+def measure(size: int, changes: int, seed: int, nodes: int | None = None) -> dict[str, Any]:
     rng = random.Random(seed)
-    cluster = build_cluster(size / VIP_PORTS_AT_SCALE_1, seed)
+    cluster = build_cluster(size / VIP_PORTS_AT_SCALE_1, seed, nodes)
     normalizer = Normalizer(cluster.config)
     normalizer.replace_all(cluster.nodes, cluster.services, cluster.slices)
     state = normalizer.state(generation=1)
@@ -101,9 +101,10 @@ def main() -> int:
     ap.add_argument("--sizes", default="1000,10000,30000")
     ap.add_argument("--changes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--nodes", type=int, default=None, help="node count (default: 1,000 x size / 10,000)")
     ap.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = ap.parse_args()
-    runs = [measure(int(size), args.changes, args.seed) for size in args.sizes.split(",")]
+    runs = [measure(int(size), args.changes, args.seed, args.nodes) for size in args.sizes.split(",")]
     print("one endpoint change, stage by stage (median / p99 ms); the work should follow the change, not the size")
     print(f"{'VIP:ports':>10}{'watcher':>18}{'subscriber':>18}{'director':>18}{'total':>18}")
     for r in runs:

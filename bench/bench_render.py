@@ -173,14 +173,16 @@ def build_config_doc(services: Sequence[Service]) -> dict[str, Any]:
     }
 
 
-def build_cluster(scale: float, seed: int) -> Cluster:
+def build_cluster(scale: float, seed: int, nodes: int | None = None) -> Cluster:
     rng = random.Random(seed)
-    nodes = build_nodes(max(1, round(NODES_AT_SCALE_1 * scale)))
+    """The synthetic cluster at `scale` (1.0: 10,000 VIP:ports, 100,000 endpoints, 1,000 nodes);
+    `nodes` fixes the node count instead of scaling it (the scaling curves keep 1,000)."""
+    nodes_ = build_nodes(nodes if nodes is not None else max(1, round(NODES_AT_SCALE_1 * scale)))
     vip_ports = max(1, round(VIP_PORTS_AT_SCALE_1 * scale))
     endpoints = max(vip_ports, round(ENDPOINTS_AT_SCALE_1 * scale))
-    services, slices = build_services_and_slices(vip_ports, endpoints, [n.name for n in nodes], rng)
+    services, slices = build_services_and_slices(vip_ports, endpoints, [n.name for n in nodes_], rng)
     doc = build_config_doc(services)
-    return Cluster(nodes, services, slices, parse_lbconfig_value(doc), doc)
+    return Cluster(nodes_, services, slices, parse_lbconfig_value(doc), doc)
 
 
 # The same cluster as the API serves it (fields kube2ipvs reads, plus a few it skips over).

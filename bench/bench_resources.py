@@ -274,8 +274,8 @@ def memory_kib(pid: int) -> dict[str, int]:
 class ClusterFiles:
     """The synthetic cluster as API objects, written to `directory`, changed in place."""
 
-    def __init__(self, scale: float, directory: Path) -> None:
-        cluster = build_cluster(scale, seed=1)
+    def __init__(self, scale: float, directory: Path, nodes: int | None = None) -> None:
+        cluster = build_cluster(scale, seed=1, nodes=nodes)
         self.directory = directory
         self.config: LBConfig = cluster.config
         self.nodes = [node_object(n) for n in cluster.nodes]
@@ -812,7 +812,7 @@ def load_window(topo: Topology, files: ClusterFiles, node: str, args: argparse.N
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     rng = random.Random(7)
     print(f"building the cluster at scale {args.scale} ...", file=sys.stderr)
-    files = ClusterFiles(args.scale, workdir / "cluster")
+    files = ClusterFiles(args.scale, workdir / "cluster", args.nodes)
     if files.selector is not None:
         print(f"the LB config is {files.config_bytes:,} bytes, over the {MAX_CONFIG_BYTES:,} of one ConfigMap: "
               f"{len(files.configmaps)} ConfigMaps labelled {files.selector}", file=sys.stderr)
@@ -965,6 +965,7 @@ def print_table(report: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--scale", type=float, default=1.0, help="1.0: 10,000 VIP:ports, 100,000 endpoints")
+    parser.add_argument("--nodes", type=int, default=None, help="node count (default: 1,000 x --scale)")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--changes-per-second", type=float, default=100.0)
     parser.add_argument("--load-seconds", type=float, default=60.0)

@@ -58,6 +58,7 @@ from bench.bench_render import VIP_PORTS_AT_SCALE_1, build_cluster
 REPO: Final = Path(__file__).resolve().parents[1]
 BENCHES: Final = ("watcher", "change_scaling", "realserver", "dsr", "bgp", "resources", "director")
 VM_BENCHES: Final = frozenset({"director"})
+NODES: Final = 1000  # the curves: 10 endpoints per VIP:port over 1,000 nodes, at every size
 SEED: Final = 1  # the seed the component scripts build their cluster with by default
 INDEX_VERSION: Final = 1
 # After SIGINT, time for a script's `finally` (namespaces, nats-server, gobgpd, FRR) before SIGTERM.
@@ -89,9 +90,10 @@ def command(bench: str, size: int, *, output: Path, repeat: int, vips: int,
     py = sys.executable
     scale = f"{size / VIP_PORTS_AT_SCALE_1:g}"
     if bench == "watcher":
-        return (py, "bench/bench_watcher.py", "--scale", scale, "--output", str(output))
+        return (py, "bench/bench_watcher.py", "--scale", scale, "--nodes", str(NODES), "--output", str(output))
     if bench == "change_scaling":
-        return (py, "bench/bench_change_scaling.py", "--sizes", str(size), "--output", str(output))
+        return (py, "bench/bench_change_scaling.py", "--sizes", str(size), "--nodes", str(NODES),
+                "--output", str(output))
     if bench == "realserver":
         return (py, "bench/bench_realserver.py", "--scale", scale, "--repeat", str(repeat), "--output", str(output))
     if bench == "dsr":
@@ -102,7 +104,8 @@ def command(bench: str, size: int, *, output: Path, repeat: int, vips: int,
     if bench == "resources":
         window = f"{resources_seconds:g}"
         # No py-spy: profiles are not what this run is for, and they would land beside the JSON.
-        return (py, "bench/bench_resources.py", "--scale", scale, "--repeat", str(repeat), "--idle-seconds", window,
+        return (py, "bench/bench_resources.py", "--scale", scale, "--nodes", str(NODES), "--repeat", str(repeat),
+                "--idle-seconds", window,
                 "--load-seconds", window, "--py-spy", "", "--output", str(output))
     if bench == "director":
         # The host's / is read-only in the VM: the JSON goes to the out share (/dev/shm/out there).

@@ -77,8 +77,8 @@ def _max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-async def measure(scale: float, changes: int, url: str) -> dict[str, Any]:
-    cluster = build_cluster(scale, seed=1)
+async def measure(scale: float, changes: int, url: str, nodes: int | None = None) -> dict[str, Any]:
+    cluster = build_cluster(scale, seed=1, nodes=nodes)
     slices = [slice_object(es) for es in cluster.slices]
     objects = {
         "Node": [node_object(n) for n in cluster.nodes],
@@ -141,6 +141,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--changes", type=int, default=200)
+    parser.add_argument("--nodes", type=int, default=None, help="node count (default: 1,000 x --scale)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args()
     binary = nats_server_binary()
@@ -151,7 +152,7 @@ def main() -> int:
         server = NatsServer(binary, Path(tmp))
         server.start()
         try:
-            result = asyncio.run(measure(args.scale, args.changes, server.url))
+            result = asyncio.run(measure(args.scale, args.changes, server.url, args.nodes))
         finally:
             server.stop()
     rows = [

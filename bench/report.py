@@ -402,8 +402,9 @@ def scaling_section(index: Doc | None, docs: dict[str, Doc]) -> list[str]:
                if f"{b}-{n}" not in have]
     repeat = get(index, "settings.repeat")
     lines = [
-        "Each size is bench_render's cluster of that many VIP:ports with about 10 endpoints each; the scripts scale "
-        "the nodes with it (`--scale`: 1,000 at 10k), so the node count is in the first row. Each step is one "
+        "Each size is bench_render's cluster of that many VIP:ports with about 10 endpoints each over 1,000 nodes "
+        "(`--nodes 1000` for the watcher, the in-process stages and the resources run; the node count is in the "
+        "first row); the realserver's benchmark gives one node every service, its worst case. Each step is one "
         "subprocess per size (`bench/bench_scaling.py`). Spread: the realserver's full loads"
         + (f" and the VM director's full loads (`--repeat {repeat}`, the director's within a time budget, so "
            "n says how many ran)" if repeat else " and the VM director's full loads (n runs)")
