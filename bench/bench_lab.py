@@ -29,8 +29,10 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import platform
+import random
 import shutil
 import socket
 import statistics
@@ -44,6 +46,7 @@ from typing import Any, Final
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_render import as_list, build_cluster, node_object, service_object, slice_object
+from bench.original_pipeline import OriginalPipeline
 from pyroute2 import netns as pyroute2_netns
 
 from kube2ipvs.cli import main as cli_main
@@ -59,6 +62,7 @@ ANCHOR: Final = ("      - {addresses: [10.244.3.11], nodeName: node-3, condition
                  "targetRef: {kind: Pod, name: web-2}}\n")
 AVOID_RUN: Final = 20
 TIMEOUT: Final = 15.0
+ORIGINAL_TIMEOUT: Final = 300.0  # the original's pipeline at 10k VIP:ports: seconds per whole-table load
 
 
 class Client:
@@ -174,6 +178,39 @@ def measure(client: Client, slices: Path, changes: int) -> dict[str, list[float]
     return got
 
 
+def measure_original(slices: Path, changes: int, feed_dir: Path) -> dict[str, list[float]]:
+    """The same edits, waited for through the original design's pipeline (original_pipeline.py)
+    run on the same feed: from the lab listing (or unlisting) the pod until the node's whole nat
+    table was rewritten with it."""
+    got: dict[str, list[float]] = {"listed_to_applied": [], "write_to_applied": [], "load_s": [], "missed": []}
+    base = slices.read_text()
+    feed = feed_dir / "objects.json"
+    with OriginalPipeline(feed_dir, random.Random(5)) as pipeline:
+        for i in range(changes):
+            n = 1000 + i // 2  # pods of their own: not the ones the traffic phase used
+            node = LAB_NODES[n % 3]
+            address = f"10.244.{n % 3 + 1}.{200 + i // 2 % 50}"
+            line = ANCHOR.replace("10.244.3.11", address).replace("node-3", node).replace("web-2", f"web-o{n}")
+            pipeline.set_node(node)
+            started = time.monotonic()
+            slices.write_text(base.replace(ANCHOR, ANCHOR + line) if i % 2 == 0 else base)
+            listed = None
+            while listed is None and time.monotonic() - started < TIMEOUT:
+                with contextlib.suppress(OSError):
+                    if (f'"{address}"' in feed.read_text()) == (i % 2 == 0):
+                        listed = time.monotonic()
+                time.sleep(0.002)
+            load = pipeline.wait_applied(listed, node, ORIGINAL_TIMEOUT) if listed is not None else None
+            if listed is None or load is None:
+                got["missed"].append(time.monotonic() - started)
+                continue
+            got["listed_to_applied"].append(load.done_at - listed)
+            got["write_to_applied"].append(load.done_at - started)
+            got["load_s"].append(load.seconds)
+            time.sleep(0.3)
+    return got
+
+
 LAB_NODES: Final = ("node-1", "node-2", "node-3")
 SCALE_FILES: Final = 10  # EndpointSlices in this many files (the watcher polls every file's stamp)
 
@@ -257,7 +294,7 @@ def wait_loaded(vip_ports: int, timeout: float) -> float:
 def figures(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {"p50_ms": round(statistics.median(ordered) * 1000, 1),
-            "p99_ms": round(ordered[max(0, int(len(ordered) * 0.99) - 1)] * 1000, 1),
+            "p99_ms": round(ordered[max(0, math.ceil(len(ordered) * 0.99) - 1)] * 1000, 1),  # nearest rank
             "max_ms": round(ordered[-1] * 1000, 1), "count": len(ordered)}
 
 
@@ -265,6 +302,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--changes", type=int, default=50)
     ap.add_argument("--vip-ports", type=int, default=0, help="synthetic VIP:ports loaded before the edits")
+    ap.add_argument("--original-changes", type=int, default=20,
+                    help="edits then waited for through the original design's pipeline (0: none)")
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
     if args.output is None:
@@ -291,6 +330,8 @@ def main() -> int:
                   f"applied {loaded['directors_loaded_s']} s later", flush=True)
             time.sleep(10)  # the first resyncs after the load
         got = measure(Client(prefix(NAME) + "client"), cluster / "endpointslices.yaml", args.changes)
+        original = measure_original(cluster / "endpointslices.yaml", args.original_changes,
+                                    STATE_ROOT / NAME / "cluster") if args.original_changes else None
     finally:
         cli_main(["lab", "down", "--name", NAME], out=io.StringIO(), err=io.StringIO())
         shutil.rmtree(cluster, ignore_errors=True)
@@ -304,6 +345,19 @@ def main() -> int:
         "removed_pod_unlisted": figures(got["unlisted"]) if got["unlisted"] else None,
         "removed_pod_unlisted_to_avoided": figures(got["lb_removed"]) if got["lb_removed"] else None,
     }
+    if original is not None:
+        result["original_pipeline"] = {
+            "about": "debounce 0.5 s, poll every 2 s, 1 s delay, the node's whole nat table by iptables-restore",
+            "changes": args.original_changes, "missed": len(original["missed"]),
+            "listed_to_applied": figures(original["listed_to_applied"]) if original["listed_to_applied"] else None,
+            "write_to_applied": figures(original["write_to_applied"]) if original["write_to_applied"] else None,
+            "load": figures(original["load_s"]) if original["load_s"] else None,
+        }
+        ours = [*got["lb"], *got["lb_removed"]]
+        theirs = original["listed_to_applied"]
+        if ours and theirs:
+            result["ratios"] = {"original_listed_to_applied/ours_listed_to_effect_p50":
+                                round(statistics.median(theirs) / statistics.median(ours), 1)}
     at = f", {loaded['vip_ports']} VIP:ports loaded" if loaded else ""
     print(f"lab end-to-end convergence over {args.changes} edits of endpointslices.yaml{at} (target: listed -> "
           "served p99 < 100 ms; the original design: 0.5 s debounce + 2 s poll + 1 s delay)")
@@ -318,6 +372,10 @@ def main() -> int:
             print(f"  {label}: p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms, max {f['max_ms']} ms ({f['count']})")
     if got["missed"]:
         print(f"  {len(got['missed'])} edits had no effect within {TIMEOUT} s")
+    if original is not None and (o := result["original_pipeline"]["listed_to_applied"]):
+        print(f"  the original design's pipeline on the same feed ({args.original_changes} edits): listed -> node's "
+              f"table rewritten p50 {o['p50_ms']} ms, p99 {o['p99_ms']} ms, max {o['max_ms']} ms; "
+              f"{result.get('ratios', {})}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
