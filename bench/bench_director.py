@@ -61,8 +61,10 @@ from kube2ipvs_director.kernel import KernelError, LinuxIpvs
 from kube2ipvs_director.plan import (
     AddDest,
     EditDest,
+    CanonicalVips,
     Observed,
     Op,
+    canonical_vips,
     observed_after,
     plan,
     service_id,
@@ -179,7 +181,7 @@ def refuse_reason() -> str | None:
 # (a) + (b) full loads
 
 
-def director_full_loads(kernel: LinuxIpvs, desired: Sequence[IpvsService], owned: frozenset[str],
+def director_full_loads(kernel: LinuxIpvs, desired: Sequence[IpvsService], owned: CanonicalVips,
                         repeat: int) -> tuple[dict[str, Any], list[str]]:
     plans, applies, totals, ops_count = [], [], [], 0
     for _ in range(repeat):
@@ -254,7 +256,7 @@ def changed(svc: IpvsService, change: Change) -> IpvsService:
     return replace(svc, dests=tuple(change.dest if (d.address, d.port) == key else d for d in svc.dests))
 
 
-def director_changes(kernel: LinuxIpvs, desired: list[IpvsService], owned: frozenset[str], observed: Observed,
+def director_changes(kernel: LinuxIpvs, desired: list[IpvsService], owned: CanonicalVips, observed: Observed,
                      changes: int, make: Callable[[Sequence[IpvsService], random.Random], Change],
                      rng: random.Random) -> tuple[dict[str, Any], Observed]:
     """`changes` one-endpoint changes as the director's change path makes them
@@ -344,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     desired = build_desired(args.services, args.seed)
     build_s = time.perf_counter() - t0
-    owned = frozenset(s.vip for s in desired)
+    owned = canonical_vips(s.vip for s in desired)  # as the director holds them (app.py): canonical once
     t0 = time.perf_counter()
     text = ipvsadm_text(desired)
     render_s = time.perf_counter() - t0
