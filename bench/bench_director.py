@@ -60,8 +60,8 @@ from kube2ipvs.render.ipvsadm import service_lines
 from kube2ipvs_director.kernel import KernelError, LinuxIpvs
 from kube2ipvs_director.plan import (
     AddDest,
-    EditDest,
     CanonicalVips,
+    EditDest,
     Observed,
     Op,
     canonical_vips,
