@@ -58,10 +58,9 @@ from kube2ipvs.names import COUNTER_KINDS, short_hash
 from kube2ipvs.normalize import normalize
 from kube2ipvs.protocol import NodeSlice
 from kube2ipvs.render.nft import TABLE, render_nft
-from kube2ipvs.render.nftdelta import render_entries_delta
 from kube2ipvs_realserver.app import RealserverApp
 from kube2ipvs_realserver.kernel import LinuxKernel
-from kube2ipvs_realserver.plan import ReplaceTable, Settings, desired_state
+from kube2ipvs_realserver.plan import ReplaceTable, Settings, desired_state, table_delta
 
 PREFIX: Final = f"k2i-bench-rs{os.getpid()}-"
 NODE: Final = "node-bench"
@@ -195,7 +194,7 @@ def incremental(
 ) -> tuple[dict[str, float], dict[str, float], list[VirtualService]]:
     """Apply `changes` one-endpoint deltas; timings of computing them and of applying them, and the
     share as it ends. The delta is computed as the realserver does: its desired state built from
-    the previous one, then `render_entries_delta` of the two."""
+    the previous one, then `table_delta` (`render_entries_delta` of the two)."""
     compute, applied = [], []
     final = list(share)
     vips = tuple(dict.fromkeys(vs.vip for vs in share))
@@ -203,7 +202,8 @@ def incremental(
     for _, new in one_endpoint_changes(share, changes, random.Random(seed)):
         t0 = time.perf_counter()
         desired = desired_state(NodeSlice(NODE, vips, tuple(new)), Settings(), previous)
-        text = render_entries_delta(previous.entries, desired.entries)
+        text = table_delta(desired, previous)
+        assert text is not None  # (built from `previous`: always known)
         previous = desired
         t1 = time.perf_counter()
         apply(text)

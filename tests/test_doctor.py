@@ -346,7 +346,7 @@ SERVICES = [vs("192.0.2.10", 70, endpoints=2), vs("192.0.2.11", 53, "udp"), vs("
 
 def kernel_of(text: str) -> NftTable:
     seen = expected_tables(text)  # what the realserver itself expects to read back
-    return NftTable(seen.chains, seen.services)
+    return NftTable(seen.chains, frozenset(seen.services))
 
 
 def test_the_expected_table_is_what_the_realserver_expects_to_read_back() -> None:

@@ -5,25 +5,33 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import replace
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kube2ipvs.chunked import Chunked
 from kube2ipvs.model import (
     ClusterState,
     PodEndpoint,
+    VirtualService,
     content_hash,
     content_hash_v1,
     digest,
     service_digest,
+    service_value,
     vips_value,
 )
 from kube2ipvs.normalize import normalize
 from kube2ipvs.protocol import (
     META_KEY,
+    SLICE_CHANGES_KEPT,
+    SLICE_STEPS_KEPT,
     Assembler,
     Encoder,
+    NodeSlice,
     NodeSliceAssembler,
+    ProtocolError,
     Write,
     decode_node_service,
     encode_state,
@@ -33,6 +41,7 @@ from kube2ipvs.protocol import (
     service_key,
 )
 from tests.conftest import realistic_state
+from tests.test_render_nft import virtual_service
 from tests.test_render_properties import Cluster, clusters
 
 
@@ -304,3 +313,115 @@ def test_the_content_hash_follows_changes_at_any_size() -> None:
         assert got is not None, assembler.missing()
         assert got == state
         assert got.content_hash == content_hash(vips_value(state.vips), [service_digest(vs) for vs in state.services])
+
+
+# ---------------------------------------------------------------------------------------------
+# NodeSliceAssembler: slices in proportion to the change, each with what changed since the ones before
+
+
+# Two spellings of one address (two keys, one service identity: equal sort keys) and one that is no address.
+_SLICE_VIPS = ["192.0.2.10", "192.0.2.9", "192.0.2.100", "2001:db8::10", "2001:db8::a", "2001:db8:0::a",
+               "192.0.2.10.5"]
+
+
+def _node_value(vip: str, port: int, pods: int, name: str = "web") -> bytes:
+    """A `node.` value as the watcher writes it (any VIP text: a bad one must not decode)."""
+    vs = virtual_service("192.0.2.1", port, endpoints=[(f"10.1.1.{i + 2}", 8080) for i in range(pods)])
+    doc = json.loads(service_value(replace(vs, service=name)))
+    doc["vip"] = vip
+    return json.dumps(doc).encode()
+
+
+_SLICE_OPS = st.one_of(
+    st.tuples(st.just("put"), st.sampled_from(_SLICE_VIPS), st.sampled_from([80, 443]), st.integers(1, 3),
+              st.sampled_from(["web", "api"])),
+    st.tuples(st.just("garbage"), st.sampled_from(_SLICE_VIPS), st.sampled_from([80, 443])),
+    st.tuples(st.just("delete"), st.sampled_from(_SLICE_VIPS), st.sampled_from([80, 443])),
+    st.tuples(st.just("other-node"), st.sampled_from(_SLICE_VIPS), st.sampled_from([80, 443])),
+    st.tuples(st.just("slice")),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_SLICE_OPS, max_size=40))
+def test_node_slices_are_what_sorting_the_held_values_gives_and_their_deltas_lead_from_each_earlier_one(
+    ops: list[tuple[Any, ...]]
+) -> None:
+    a = NodeSliceAssembler("node-a")
+    held: dict[str, VirtualService] = {}  # the reference: what the assembler holds, by key
+    problems: set[str] = set()
+    taken: list[tuple[NodeSlice, dict[str, VirtualService]]] = []
+    for op in [*ops, ("slice",)]:
+        if op[0] == "slice":
+            s = a.slice()
+            # As the former implementation made them: a stable sort of the values in key arrival order.
+            expected = sorted(held.items(), key=lambda item: item[1].sort_key())
+            assert s.services == tuple(vs for _, vs in expected)
+            assert s.vips == tuple(dict.fromkeys(vs.vip for vs in s.services))
+            assert set(a.problems) == problems
+            taken.append((s, {key: vs for (key, _), vs in zip(expected, s.services, strict=True)}))
+            continue
+        key = node_service_key("node-b" if op[0] == "other-node" else "node-a", op[1], op[2], "tcp")
+        if op[0] == "put":
+            a.update(key, _node_value(*op[1:]))
+            try:
+                held[key] = decode_node_service(_node_value(*op[1:]))
+                problems.discard(key)
+            except ProtocolError:
+                problems.add(key)  # and the last good value stays
+        elif op[0] == "garbage":
+            a.update(key, b"{not json")
+            problems.add(key)
+        elif op[0] == "delete":
+            a.update(key, None)
+            held.pop(key, None)
+            problems.discard(key)
+        else:
+            a.update(key, _node_value(op[1], op[2], 1))  # not this node's: ignored
+
+    last, now = taken[-1]
+    assert last.delta is not None
+    for s, then in taken:
+        assert s.delta is not None
+        changes = last.delta.since(s.delta.lineage, s.delta.seq)
+        if last.delta.seq - s.delta.seq > SLICE_STEPS_KEPT:
+            assert changes is None
+            continue
+        assert changes is not None  # (40 ops change far fewer keys than SLICE_CHANGES_KEPT)
+        assert changes == {k: (then.get(k), now.get(k)) for k in then.keys() | now.keys()
+                           if then.get(k) is not now.get(k)}
+    assert last.delta.since(last.delta.lineage + 1_000_000, last.delta.seq) is None  # another lineage
+    assert last.delta.since(last.delta.lineage, last.delta.seq + 1) is None  # a later slice
+
+
+def test_a_slice_delta_reaches_back_only_so_many_changed_keys() -> None:
+    a = NodeSliceAssembler("node-a")
+    for i in range(SLICE_CHANGES_KEPT + 1):
+        a.update(node_service_key("node-a", "192.0.2.10", 1 + i, "tcp"), _node_value("192.0.2.10", 1 + i, 1))
+    first = a.slice()
+    a.update(node_service_key("node-a", "192.0.2.10", 1, "tcp"), None)
+    second = a.slice()
+    assert first.delta is not None
+    assert second.delta is not None
+    assert len(second.delta.steps) == 1  # the first slice's step named more keys than are kept
+    assert second.delta.since(first.delta.lineage, first.delta.seq) == {
+        node_service_key("node-a", "192.0.2.10", 1, "tcp"): (first.services[0], None)}
+    assert second.delta.since(first.delta.lineage, first.delta.seq - 1) is None
+
+
+def test_unchanged_chunks_and_vips_are_shared_from_one_slice_to_the_next() -> None:
+    a = NodeSliceAssembler("node-a")
+    for i in range(2000):
+        a.update(node_service_key("node-a", f"192.0.2.{i % 100 + 1}", 1000 + i, "tcp"),
+                 _node_value(f"192.0.2.{i % 100 + 1}", 1000 + i, 1))
+    first = a.slice()
+    a.update(node_service_key("node-a", "192.0.2.1", 1000, "tcp"), _node_value("192.0.2.1", 1000, 2))
+    second = a.slice()
+    assert isinstance(first.services, Chunked)
+    assert isinstance(second.services, Chunked)
+    shared = sum(x is y for x, y in zip(first.services.chunks, second.services.chunks, strict=True))
+    assert shared == len(first.services.chunks) - 1
+    assert second.vips is first.vips  # the same VIPs: the same tuple
+    assert second.delta is not None
+    assert list(second.delta.changed) == [
+        node_service_key("node-a", "192.0.2.1", 1000, "tcp")]

@@ -162,8 +162,8 @@ def test_the_tables_expected_from_the_entries_are_those_the_text_makes(state: Cl
 
 def test_the_kernel_after_the_ops_is_what_observing_it_again_would_show() -> None:
     before = desired_state(node_slice(("192.0.2.10", 80), ("192.0.2.11", 80)), SETTINGS)
-    after = desired_state(node_slice(("192.0.2.10", 80), ("2001:db8::10", 80)), SETTINGS, before)
     observed = replace(converged(before), sysctls={**converged(before).sysctls, ("lo", "arp_ignore"): 0})
+    after = desired_state(node_slice(("192.0.2.10", 80), ("2001:db8::10", 80)), SETTINGS, before)
     ops = plan(after, observed, applied=before)
     assert observed_after(observed, ops, after) == replace(converged(after), nft=replace(after.nft_tables))
 
@@ -218,12 +218,13 @@ def test_applying_the_plan_to_the_fake_converges_and_a_second_plan_is_empty() ->
 def test_an_unchanged_service_keeps_its_entry_object_and_a_changed_one_gets_a_new_one() -> None:
     first = node_slice(("192.0.2.10", 80), ("192.0.2.11", 80), ("2001:db8::10", 80))
     d1 = desired_state(first, SETTINGS)
+    entries1 = dict(d1.entries)  # (d2 takes d1's entries over: read them first)
     moved = virtual_service("192.0.2.11", 80, endpoints=[("10.1.1.3", 8080)])
     second = NodeSlice("node-a", first.vips, (first.services[0], moved, first.services[2]))
     d2 = desired_state(second, SETTINGS, d1)
-    assert d2.entries[("192.0.2.10", 80, "tcp")] is d1.entries[("192.0.2.10", 80, "tcp")]
-    assert d2.entries[("2001:db8::10", 80, "tcp")] is d1.entries[("2001:db8::10", 80, "tcp")]
-    assert d2.entries[("192.0.2.11", 80, "tcp")] is not d1.entries[("192.0.2.11", 80, "tcp")]
+    assert d2.entries[("192.0.2.10", 80, "tcp")] is entries1[("192.0.2.10", 80, "tcp")]
+    assert d2.entries[("2001:db8::10", 80, "tcp")] is entries1[("2001:db8::10", 80, "tcp")]
+    assert d2.entries[("192.0.2.11", 80, "tcp")] is not entries1[("192.0.2.11", 80, "tcp")]
     scratch = desired_state(second, SETTINGS)
     assert (d2.nft_digest, d2.nft, d2.vips, d2.nft_tables) == (scratch.nft_digest, scratch.nft, scratch.vips,
                                                                scratch.nft_tables)
@@ -272,6 +273,7 @@ def test_incremental_builds_equal_builds_from_scratch(
     for step in steps:
         services = tuple(service(*s) for s in step)
         node = NodeSlice("node-a", tuple(dict.fromkeys(vs.vip for vs in services)), services)
+        before = dict(previous.entries) if previous is not None else None  # read first: `built` takes them over
         built = desired_state(node, settings_, previous)
         scratch = desired_state(node, settings_)
         assert built.entries == scratch.entries
@@ -279,7 +281,7 @@ def test_incremental_builds_equal_builds_from_scratch(
                                                                     scratch.nft_tables)
         assert built.nft == scratch.nft == render_nft(services, masquerade_exempt=settings_.masquerade_exempt)
         if previous is not None:  # and the delta from the previous one is the services' delta
-            assert render_entries_delta(previous.entries, built.entries,
+            assert render_entries_delta(before or {}, built.entries,
                                         masquerade_exempt=settings_.masquerade_exempt) == render_nft_delta(
                 previous.services, built.services, masquerade_exempt=settings_.masquerade_exempt)
         previous = built

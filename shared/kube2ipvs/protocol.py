@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import json
 import operator
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, TypeAlias
 
 from kube2ipvs.chunked import SortedChunks
 from kube2ipvs.lbconfig import (
@@ -40,6 +41,7 @@ from kube2ipvs.lbconfig import (
     THRESHOLD_MAX,
     Forwarding,
     Protocol,
+    address_sort_key,
     canonical_address,
     usable_as_vip,
 )
@@ -437,45 +439,161 @@ def decode_nodes(data: bytes) -> tuple[NodeStatus, ...]:
         raise ProtocolError(f"{NODES_KEY}: bad node entry") from None
 
 
+SliceChange: TypeAlias = tuple[VirtualService | None, VirtualService | None]  # (old, new); None: absent
+# How far back a SliceDelta reaches (`SliceDelta.since`): this many slices, as long as they
+# changed this many keys in all (further back, a consumer compares the whole slice instead).
+SLICE_STEPS_KEPT: Final = 64
+SLICE_CHANGES_KEPT: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class SliceDelta:
+    """How a node's slice differs from the slices its assembler made before it.
+
+    `steps` holds, for each of the last few slices (at most SLICE_STEPS_KEPT, this one last), the
+    keys whose service changed since the slice before, as (old, new) with the very objects the
+    slices hold. A consumer that skipped slices (the subscriber and the realserver hand over only
+    the newest) still follows in proportion to the change, from the slice it last saw (`since`).
+    """
+
+    lineage: int
+    seq: int
+    steps: tuple[Mapping[str, SliceChange], ...]
+
+    @property
+    def changed(self) -> Mapping[str, SliceChange]:
+        """What changed since the slice just before this one, (lineage, seq - 1)."""
+        return self.steps[-1] if self.steps else {}
+
+    def since(self, lineage: int, seq: int) -> dict[str, SliceChange] | None:
+        """Key -> (service in slice `seq`, service in this one) for every key that differs between
+        them; None when that slice is not one this delta reaches back to (another lineage, a later
+        one, or one older than the steps kept)."""
+        behind = self.seq - seq
+        if lineage != self.lineage or not 0 <= behind <= len(self.steps):
+            return None
+        out: dict[str, SliceChange] = {}
+        for step in self.steps[len(self.steps) - behind:]:
+            for key, (old, new) in step.items():
+                first = out[key][0] if key in out else old
+                if first is new:
+                    out.pop(key, None)
+                else:
+                    out[key] = (first, new)
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class NodeSlice:
     node: str
-    vips: tuple[str, ...]  # the VIPs of its services: what the realserver holds on lo
-    services: tuple[VirtualService, ...]  # sorted; each with only this node's backend
+    vips: tuple[str, ...]  # the VIPs of its services, in their order: what the realserver holds on lo
+    # sorted; each with only this node's backend. A tuple, or from a NodeSliceAssembler a Chunked
+    # that shares its unchanged chunks with the slice before (kube2ipvs.chunked).
+    services: Sequence[VirtualService]
+    delta: SliceDelta | None = field(default=None, compare=False, repr=False)
 
 
 def decode_node_service(data: bytes) -> VirtualService:
     return decode_service(_load_object(data, NODE_PREFIX + "*"))
 
 
+_SliceEntry: TypeAlias = tuple[tuple[int, int, int, str], int, VirtualService]  # see NodeSliceAssembler
+_SLICE_SERVICE: Final = operator.itemgetter(2)  # of a NodeSliceAssembler._order entry
+_SLICE_VIP: Final = operator.itemgetter(1)  # of a NodeSliceAssembler._vip_order entry
+
+
 class NodeSliceAssembler:
-    """One node's services from its `node.<node>.*` keys; every key is complete on its own."""
+    """One node's services from its `node.<node>.*` keys; every key is complete on its own.
+
+    A value costs its own decoding, and a slice what changed since the last one: the services
+    are kept in slice order in chunks (kube2ipvs.chunked) that successive slices share, the VIPs
+    as a count of services each (their tuple made again only when the set of VIPs changed), and
+    each slice says what changed (`NodeSlice.delta`).
+    """
 
     def __init__(self, node: str) -> None:
         self.node = node
         self.prefix = node_prefix(node)
-        self._services: dict[str, VirtualService] = {}
+        # The services in slice order, kept as values come, and each key's entry in it: (sort key,
+        # arrival, service). The arrival number orders services of equal sort key (two spellings
+        # of one VIP) as a stable sort of the keys in arrival order would: a key given a new value
+        # keeps its place. Unique, so entries never compare their services.
+        self._order: SortedChunks[_SliceEntry] = SortedChunks(_SLICE_SERVICE)
+        self._services: dict[str, _SliceEntry] = {}
+        self._arrivals = itertools.count()
         self.problems: dict[str, str] = {}
+        self._vip_counts: dict[str, int] = {}
+        self._vip_order: SortedChunks[tuple[tuple[int, int], str]] = SortedChunks(_SLICE_VIP)
+        self._vips: tuple[str, ...] = ()
+        self._vips_stale = False
+        self._changed: dict[str, SliceChange] = {}  # since the last slice
+        self._steps: tuple[Mapping[str, SliceChange], ...] = ()
+        self._lineage = new_lineage()
+        self._seq = 0
 
     def update(self, key: str, value: bytes | None) -> None:
         if not key.startswith(self.prefix):
             return
         self.problems.pop(key, None)
         if value is None:
-            self._services.pop(key, None)
+            self._put(key, None)
             return
         try:
-            self._services[key] = decode_node_service(value)
+            vs = decode_node_service(value)
         except ProtocolError as exc:
             # The key keeps its last good value, if it had one: a value this build cannot read (a
             # newer protocol version, a foreign or corrupt write) must not take a working service
             # out of the kernel. A key that never decoded is never DNATed.
             self.problems[key] = str(exc)
+            return
+        self._put(key, vs)
+
+    def _put(self, key: str, vs: VirtualService | None) -> None:
+        held = self._services.pop(key, None) if vs is None else self._services.get(key)
+        if held is None and vs is None:
+            return
+        if held is not None:
+            _, arrival, old = held
+            self._order.remove(held)
+            self._count_vip(old.vip, -1)
+        else:
+            arrival, old = next(self._arrivals), None
+        if vs is not None:
+            self._services[key] = entry = (vs.sort_key(), arrival, vs)
+            self._order.add(entry)
+            self._count_vip(vs.vip, +1)
+        first = self._changed[key][0] if key in self._changed else old
+        if first is None and vs is None:
+            del self._changed[key]  # came and went between two slices
+        else:
+            self._changed[key] = (first, vs)
+
+    def _count_vip(self, vip: str, step: int) -> None:
+        count = self._vip_counts.get(vip, 0) + step
+        if count:
+            self._vip_counts[vip] = count
+        else:
+            del self._vip_counts[vip]
+        if count == (1 if step > 0 else 0):  # the VIP came or went
+            entry = (address_sort_key(vip), vip)
+            if step > 0:
+                self._vip_order.add(entry)
+            else:
+                self._vip_order.remove(entry)
+            self._vips_stale = True
 
     def slice(self) -> NodeSlice:
-        services = tuple(sorted(self._services.values(), key=VirtualService.sort_key))
-        vips = tuple(dict.fromkeys(vs.vip for vs in services))
-        return NodeSlice(node=self.node, vips=vips, services=services)
+        if self._vips_stale:
+            self._vips, self._vips_stale = tuple(self._vip_order.snapshot(0)), False
+        self._seq += 1
+        # The newest step always; older ones while few enough (the first slice's names every key).
+        steps, kept, total = (*self._steps, self._changed), 1, len(self._changed)
+        while kept < min(len(steps), SLICE_STEPS_KEPT) and total + len(steps[-kept - 1]) <= SLICE_CHANGES_KEPT:
+            kept += 1
+            total += len(steps[-kept])
+        self._steps, self._changed = steps[-kept:], {}
+        return NodeSlice(node=self.node, vips=self._vips, services=self._order.snapshot(0),
+                         delta=SliceDelta(self._lineage, self._seq, self._steps))
 
 
 _DIGEST_OF: Final = operator.itemgetter(2)  # of an Assembler._order entry

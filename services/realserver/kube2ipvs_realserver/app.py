@@ -322,7 +322,9 @@ class RealserverApp:
         if desired is None:
             return text_response("no slice of this node received yet\n", 503)
         if fmt == "nft":
-            return text_response(desired.nft)
+            # Not `desired.nft`: the next build may be updating the entries it renders from, in
+            # the kernel thread, right now.
+            return text_response(desired.nft_from_services())
         if fmt == "iptables":
             return text_response(render_iptables(desired.services, masquerade_exempt=self.settings.masquerade_exempt))
         return text_response(json.dumps({"services": [service_to_dict(vs) for vs in desired.services]}, indent=2)
