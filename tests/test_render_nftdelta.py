@@ -6,11 +6,17 @@ tests/root/test_nftdelta_netns.py.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kube2ipvs.normalize import normalize
 from kube2ipvs.render.nft import dnat_entries, render_nft
 from kube2ipvs.render.nftdelta import entries_by_key, render_entries_delta, render_nft_delta
 from tests.test_render_nft import virtual_service
+from tests.test_render_properties import Cluster, clusters
 
 A = virtual_service("192.0.2.1", 80, endpoints=[("10.0.0.1", 8080), ("10.0.0.2", 8080)])
 DNS = virtual_service("192.0.2.1", 53, "udp", endpoints=[("10.0.0.1", 53)])
@@ -193,3 +199,35 @@ def test_a_vip_mtu_change_replaces_its_mss_elements_and_keeps_the_rest_element_o
     back = lines(render_nft_delta([small, replace(DNS, mtu=1400)], [A, DNS]))
     assert back[0] == "delete element ip kube2ipvs mss_clamp { 192.0.2.1 . 1361-65535 }"
     assert back[1] == "delete element ip kube2ipvs mss { 192.0.2.1 }"
+
+
+@settings(max_examples=200, deadline=None)
+@given(clusters(), clusters(), st.booleans())
+def test_with_the_entries_per_vip_the_delta_is_the_same_without_a_pass_over_every_entry(
+        a: Cluster, b: Cluster, masquerade: bool) -> None:
+    """The realserver keeps how many entries each VIP has; given those, the delta (MSS elements,
+    the masquerade's VIP set) is computed from the changed entries alone, and must be the one a
+    comparison of every entry gives."""
+    exempt = ["10.0.0.0/8"] if masquerade else None
+    before, after = normalize(*a), normalize(*b)
+    for node in sorted({b.node for vs in (*before.services, *after.services) for b in vs.backends}):
+        old = entries_by_key(dnat_entries(before.for_node(node)))
+        new = entries_by_key(dnat_entries(after.for_node(node)))
+        changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+        counts = Counter(e.vip for e in new.values())
+        assert render_entries_delta(old, new, masquerade_exempt=exempt, changed=changed, vip_entries=counts) == \
+            render_entries_delta(old, new, masquerade_exempt=exempt)
+
+
+def test_with_the_entries_per_vip_mss_elements_follow_the_vips_not_the_changed_entries() -> None:
+    """A VIP's MSS elements stay while an unchanged entry of it keeps its MTU; they go, come or
+    change with the VIP's last entry, or with an MTU change (which changes all its entries)."""
+    a, dns, b = (replace(vs, mtu=1400) for vs in (A, DNS, B))
+    cases = [([a], [a, dns]), ([a, dns], [a]), ([a, dns], [b]), ([a], [replace(a, mtu=1280)]),
+             ([a, dns], [replace(a, mtu=1280), replace(dns, mtu=1280)]), ([a, B], [a, b]), ([A1], [a])]
+    for before, after in cases:
+        old, new = entries_by_key(dnat_entries(before)), entries_by_key(dnat_entries(after))
+        changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+        counts = Counter(e.vip for e in new.values())
+        assert render_entries_delta(old, new, changed=changed, vip_entries=counts) == \
+            render_nft_delta(before, after), (before, after)

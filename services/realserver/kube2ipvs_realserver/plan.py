@@ -625,7 +625,8 @@ def table_delta(desired: Desired, applied: Desired) -> str | None:
     holds its entries; None when they are gone (moved on to a Desired other than `desired`)."""
     if desired.base == applied.serial:
         return render_entries_delta(desired.entries_before(), desired.entries,
-                                    masquerade_exempt=desired.masquerade_exempt, changed=desired.replaced.keys())
+                                    masquerade_exempt=desired.masquerade_exempt, changed=desired.replaced.keys(),
+                                    vip_entries=desired.build.vips if desired.current else None)
     if applied.current:
         return render_entries_delta(applied.entries, desired.entries, masquerade_exempt=desired.masquerade_exempt)
     return None

@@ -36,6 +36,7 @@ resync is what repairs that.
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from kube2ipvs.lbconfig import Family
@@ -106,13 +107,23 @@ def _vip_order(item: tuple[str, int]) -> ipaddress.IPv4Address | ipaddress.IPv6A
 
 def _mss_changes(
     old: Mapping[EntryKey, DnatEntry], new: Mapping[EntryKey, DnatEntry],
-    before: Sequence[DnatEntry], after: Sequence[DnatEntry],
+    before: Sequence[DnatEntry], after: Sequence[DnatEntry], vip_entries: Mapping[str, int] | None,
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(elements to delete, to create) of `mss_clamp` and `mss`: the VIPs of the changed entries
-    whose MTU (or whether they have one) differs. A VIP's MTU is that of any of its entries."""
+    whose MTU (or whether they have one) differs. A VIP's MTU is that of any of its entries.
+
+    With `vip_entries` (entries of `new` per VIP) a VIP that keeps an unchanged entry keeps its
+    MTU, and the others' are in the changed entries alone: no pass over every entry."""
     touched = {e.vip for e in before} | {e.vip for e in after}
-    mtu_before = {e.vip: e.mtu for e in old.values() if e.vip in touched and e.mtu is not None}
-    mtu_after = {e.vip: e.mtu for e in new.values() if e.vip in touched and e.mtu is not None}
+    if vip_entries is not None:
+        changed_after = Counter(e.vip for e in after)
+        touched = {v for v in touched if vip_entries.get(v, 0) == changed_after[v]}  # no unchanged entry
+        old_side: Iterable[DnatEntry] = before
+        new_side: Iterable[DnatEntry] = after
+    else:
+        old_side, new_side = old.values(), new.values()
+    mtu_before = {e.vip: e.mtu for e in old_side if e.vip in touched and e.mtu is not None}
+    mtu_after = {e.vip: e.mtu for e in new_side if e.vip in touched and e.mtu is not None}
     gone = [(v, m) for v, m in sorted(mtu_before.items(), key=_vip_order) if mtu_after.get(v) != m]
     came = [(v, m) for v, m in sorted(mtu_after.items(), key=_vip_order) if mtu_before.get(v) != m]
     return ({"mss_clamp": [f"{v} . {mss_of(v, m) + 1}-65535" for v, m in gone], "mss": [v for v, _ in gone]},
@@ -125,8 +136,10 @@ def _family_delta(
     new: Mapping[EntryKey, DnatEntry],
     changed: Sequence[EntryKey],
     exempt: Sequence[str] | None,
+    vip_entries: Mapping[str, int] | None = None,
 ) -> list[str]:
-    """The commands for one family; `changed` holds the keys (of this family) whose entry differs."""
+    """The commands for one family; `changed` holds the keys (of this family) whose entry differs;
+    `vip_entries`, when given, the number of entries of each VIP in `new`."""
     ip = _NFT_FAMILY[family]
     where = f"{ip} {TABLE}"
     if not changed:
@@ -159,18 +172,15 @@ def _family_delta(
     create_classes = [n for n in big if n in sizes_after and n not in sizes_before and n not in kept]
     drop_classes = [n for n in big if n in sizes_before and n not in sizes_after and n not in kept]
 
-    mss_gone, mss_new = _mss_changes(old, new, before, after)
+    mss_gone, mss_new = _mss_changes(old, new, before, after, vip_entries)
 
     lines: list[str] = []
     lines += _element_commands("delete", where, mss_gone)
     lines += _element_commands("delete", where, {CLASS_MAP: [_key(e) for e in leaving]})
     lines += _element_commands("delete", where, _slots(leaving, slot_keys))
     lines += _element_commands("delete", where, _counter_keys(removed))
-    vips_after: set[str] | None = None
     if exempt is not None and removed:
-        vips_after = {e.vip for e in new.values() if e.family == family}
-        gone = [v for v in dict.fromkeys(e.vip for e in removed) if v not in vips_after]
-        lines += _element_commands("delete", where, {"vips": gone})
+        lines += _element_commands("delete", where, {"vips": _vips_gone(family, new, removed, vip_entries)})
     for n in drop_classes:
         lines += [f"delete chain {where} {class_chain(n)}", f"delete map {where} {slot_map(n)}"]
     for n in create_classes:
@@ -182,11 +192,31 @@ def _family_delta(
     lines += _element_commands("create", where, {CLASS_MAP: [class_element(e) for e in arriving]})
     lines += _element_commands("create", where, mss_new)
     if exempt is not None and added:
-        vips_before = {e.vip for e in old.values() if e.family == family}
-        # dict.fromkeys: unique, in the sorted order of the entries, as render_nft lists them.
-        fresh = [v for v in dict.fromkeys(e.vip for e in added) if v not in vips_before]
+        fresh = _vips_fresh(family, old, before, after, added, vip_entries)
         lines += _element_commands("create", where, {"vips": fresh})
     return lines
+
+
+def _vips_gone(family: Family, new: Mapping[EntryKey, DnatEntry], removed: Sequence[DnatEntry],
+               vip_entries: Mapping[str, int] | None) -> list[str]:
+    """The VIPs of `removed` entries that no entry of `new` has (the masquerade's `vips` set)."""
+    if vip_entries is not None:
+        return [v for v in dict.fromkeys(e.vip for e in removed) if not vip_entries.get(v)]
+    vips_after = {e.vip for e in new.values() if e.family == family}
+    return [v for v in dict.fromkeys(e.vip for e in removed) if v not in vips_after]
+
+
+def _vips_fresh(family: Family, old: Mapping[EntryKey, DnatEntry], before: Sequence[DnatEntry],
+                after: Sequence[DnatEntry], added: Sequence[DnatEntry],
+                vip_entries: Mapping[str, int] | None) -> list[str]:
+    """The VIPs of `added` entries that no entry of `old` had; in the sorted order of the
+    entries (dict.fromkeys), as render_nft lists them."""
+    if vip_entries is not None:  # the entries a VIP had: those it has, less what came, plus what left
+        had = Counter(e.vip for e in before)
+        had.subtract(Counter(e.vip for e in after))
+        return [v for v in dict.fromkeys(e.vip for e in added) if vip_entries.get(v, 0) + had[v] <= 0]
+    vips_before = {e.vip for e in old.values() if e.family == family}
+    return [v for v in dict.fromkeys(e.vip for e in added) if v not in vips_before]
 
 
 def render_entries_delta(
@@ -195,11 +225,14 @@ def render_entries_delta(
     *,
     masquerade_exempt: Sequence[str] | None = None,
     changed: Iterable[EntryKey] | None = None,
+    vip_entries: Mapping[str, int] | None = None,
 ) -> str:
     """`render_nft_delta` of the DNAT entries by key (`entries_by_key`), for callers that keep
     them: the cost is that of the changed entries plus a few passes over the keys, so a change
     at 10,000 services costs about a millisecond of Python. `changed`: the keys whose entries
-    may differ, when the caller knows them (else every key is compared)."""
+    may differ, when the caller knows them (else every key is compared). `vip_entries`: the number
+    of entries of each VIP in `new`, when the caller keeps it: then nothing passes over every
+    entry, and a change costs what it changed."""
     candidates = changed if changed is not None else old.keys() | new.keys()
     # `is` first: a caller that keeps its entries hands over the very same objects when unchanged.
     keys = [k for k in candidates if (a := old.get(k)) is not (b := new.get(k)) and a != b]
@@ -207,7 +240,7 @@ def render_entries_delta(
     for family in FAMILIES:
         exempt = None if masquerade_exempt is None else exempt_networks(masquerade_exempt, family)
         mine = [k for k in keys if (":" in k[0]) == (family == 6)]
-        lines += _family_delta(family, old, new, mine, exempt)
+        lines += _family_delta(family, old, new, mine, exempt, vip_entries)
     return "\n".join(lines) + "\n" if lines else ""
 
 
