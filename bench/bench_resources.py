@@ -94,7 +94,7 @@ from bench.bench_render import (
     service_object,
     slice_object,
 )
-from bench.bench_watcher import compact_config
+from bench.bench_watcher import SHARD_LABEL, config_values
 from tests.natsfixture import nats_server_binary
 
 from kube2ipvs.kube import SERVICE_NAME_LABEL, parse_endpointslices, parse_nodes, parse_services
@@ -336,30 +336,6 @@ class ClusterFiles:
     def service_of(self, s: int) -> tuple[str, str]:
         meta = self.slices[s]["metadata"]
         return meta["namespace"], meta["labels"][SERVICE_NAME_LABEL]
-
-
-SHARD_LABEL: Final = ("kube2ipvs.io/config", "bench")
-SHARD_BYTES: Final = 900 * 1024  # each of several: under the 1 MiB of a ConfigMap, with room to grow
-
-
-def config_values(doc: dict[str, Any]) -> list[str]:
-    """The config as its operator writes it (compact_config): one value when it fits a ConfigMap,
-    else split by VIP into values that each do (the first keeps the pool, labels and MTUs)."""
-    whole = compact_config(doc)
-    if len(whole.encode()) <= MAX_CONFIG_BYTES:
-        return [whole]
-    compact = json.loads(whole)
-    head = {k: v for k, v in compact.items() if k not in ("config", "config6")}
-    shards: list[dict[str, Any]] = [{**head, "config": {}}]
-    size = len(json.dumps(shards[0], separators=(",", ":")))
-    for vip, ports in compact["config"].items():
-        part = len(json.dumps({vip: ports}, separators=(",", ":")))
-        if size + part > SHARD_BYTES:
-            shards.append({"config": {}})
-            size = 20
-        shards[-1]["config"][vip] = ports
-        size += part
-    return [json.dumps(s, separators=(",", ":")) for s in shards]
 
 
 def flip(slices: list[dict[str, Any]], change: tuple[int, int]) -> None:

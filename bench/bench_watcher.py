@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_render import build_cluster, node_object, service_object, slice_object
 from tests.natsfixture import NatsServer, nats_server_binary
 
+from kube2ipvs.lbconfig import MAX_CONFIG_BYTES
 from kube2ipvs.natskv import KVPublisher, NatsSettings
 from kube2ipvs_watcher.app import AppSettings, WatcherApp
 from kube2ipvs_watcher.core import WatcherCore, WatcherSettings
@@ -73,6 +74,39 @@ def compact_config(doc: dict[str, Any]) -> str:
     return json.dumps(out, separators=(",", ":"))
 
 
+SHARD_LABEL: Final = ("kube2ipvs.io/config", "bench")
+SHARD_BYTES: Final = 900 * 1024  # each of several: under the 1 MiB of a ConfigMap, with room to grow
+
+
+def config_values(doc: dict[str, Any]) -> list[str]:
+    """The config as its operator writes it (compact_config): one value when it fits a ConfigMap,
+    else split by VIP into values that each do (the first keeps the pool, labels and MTUs)."""
+    whole = compact_config(doc)
+    if len(whole.encode()) <= MAX_CONFIG_BYTES:
+        return [whole]
+    compact = json.loads(whole)
+    head = {k: v for k, v in compact.items() if k not in ("config", "config6")}
+    shards: list[dict[str, Any]] = [{**head, "config": {}}]
+    size = len(json.dumps(shards[0], separators=(",", ":")))
+    for vip, ports in compact["config"].items():
+        part = len(json.dumps({vip: ports}, separators=(",", ":")))
+        if size + part > SHARD_BYTES:
+            shards.append({"config": {}})
+            size = 20
+        shards[-1]["config"][vip] = ports
+        size += part
+    return [json.dumps(s, separators=(",", ":")) for s in shards]
+
+
+def configmaps(values: list[str]) -> list[dict[str, Any]]:
+    """The LB ConfigMap, or several labelled ones when the config does not fit one (config_values)."""
+    return [{"apiVersion": "v1", "kind": "ConfigMap",
+             "metadata": {"namespace": "platform-load-balancer",
+                          **({"name": "kube2ipvs"} if len(values) == 1 else
+                             {"name": f"kube2ipvs-{n}", "labels": dict([SHARD_LABEL])})},
+             "data": {"lb": text}} for n, text in enumerate(values)]
+
+
 def _max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -84,14 +118,14 @@ async def measure(scale: float, changes: int, url: str, nodes: int | None = None
         "Node": [node_object(n) for n in cluster.nodes],
         "Service": [service_object(s, i) for i, s in enumerate(cluster.services)],
         "EndpointSlice": slices,
-        "ConfigMap": [{"apiVersion": "v1", "kind": "ConfigMap",
-                       "metadata": {"namespace": "platform-load-balancer", "name": "kube2ipvs"},
-                       "data": {"lb": compact_config(cluster.config_doc)}}],
+        "ConfigMap": configmaps(config_values(cluster.config_doc)),
     }
+    sharded = len(objects["ConfigMap"]) > 1
     source = MemorySource(objects)
     publisher = KVPublisher(NatsSettings(servers=(url,)))
     await publisher.start()
-    app = WatcherApp(WatcherCore(WatcherSettings(), clock=time.monotonic), source=source, publisher=publisher,
+    settings = WatcherSettings(configmap_selector=(SHARD_LABEL,) if sharded else None)
+    app = WatcherApp(WatcherCore(settings, clock=time.monotonic), source=source, publisher=publisher,
                      settings=AppSettings(min_interval=0.0))
     task = asyncio.create_task(app.run())
     try:
@@ -123,6 +157,7 @@ async def measure(scale: float, changes: int, url: str, nodes: int | None = None
             "nodes": len(state.nodes),
             "initial_list_to_first_publish_s": first,
             "first_publish_bytes": full_bytes,
+            "configmaps": len(objects["ConfigMap"]),
             "changes": changes,
             "change_to_publish_p50_s": statistics.median(latencies),
             "change_to_publish_p99_s": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
