@@ -185,7 +185,8 @@ def measure_original(slices: Path, changes: int, feed_dir: Path) -> dict[str, li
     got: dict[str, list[float]] = {"listed_to_applied": [], "write_to_applied": [], "load_s": [], "missed": []}
     base = slices.read_text()
     feed = feed_dir / "objects.json"
-    with OriginalPipeline(feed_dir, random.Random(5)) as pipeline:
+    rng = random.Random(5)
+    with OriginalPipeline(feed_dir, rng) as pipeline:
         for i in range(changes):
             n = 1000 + i // 2  # pods of their own: not the ones the traffic phase used
             node = LAB_NODES[n % 3]
@@ -207,7 +208,8 @@ def measure_original(slices: Path, changes: int, feed_dir: Path) -> dict[str, li
             got["listed_to_applied"].append(load.done_at - listed)
             got["write_to_applied"].append(load.done_at - started)
             got["load_s"].append(load.seconds)
-            time.sleep(0.3)
+            # At a random phase of the 2 s poll: edits timed by the last apply would fall in step with it.
+            time.sleep(rng.uniform(0.3, 2.3))
     return got
 
 
