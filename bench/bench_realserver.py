@@ -53,10 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_render import build_cluster
 
 from kube2ipvs import libnft
-from kube2ipvs.model import Backend, PodEndpoint, VirtualService
+from kube2ipvs.model import Backend, PodEndpoint, VirtualService, service_value
 from kube2ipvs.names import COUNTER_KINDS, short_hash
 from kube2ipvs.normalize import normalize
-from kube2ipvs.protocol import NodeSlice
+from kube2ipvs.protocol import NodeSlice, NodeSliceAssembler, node_service_key
 from kube2ipvs.render.nft import TABLE, render_nft
 from kube2ipvs_realserver.app import RealserverApp
 from kube2ipvs_realserver.kernel import LinuxKernel
@@ -234,17 +234,23 @@ def kernel_deltas(
 def reconciles(
     ns: str, share: Sequence[VirtualService], changes: int, seed: int, state_file: Path
 ) -> dict[str, float]:
-    """The realserver's whole path for each change: slice -> desired state -> plan -> apply."""
+    """The realserver's whole path for each change, as it runs: the changed `node.` value into the
+    subscriber's NodeSliceAssembler, its slice (with the delta) -> desired state -> plan -> apply."""
     kernel = LinuxKernel(netns=ns, state_file=state_file)
     app = RealserverApp(kernel, source=None, settings=Settings())
-    vips = tuple(dict.fromkeys(vs.vip for vs in share))
+    assembler = NodeSliceAssembler(NODE)
+    for vs in share:
+        assembler.update(node_service_key(NODE, vs.vip, vs.port, vs.protocol), service_value(vs))
     try:
-        app.offer(NodeSlice(NODE, vips, tuple(share)))
+        app.offer(assembler.slice())
         asyncio.run(app.reconcile_once())
         runs = []
-        for _, new in one_endpoint_changes(share, changes, random.Random(seed)):
-            app.offer(NodeSlice(NODE, vips, tuple(new)))
+        for old, new in one_endpoint_changes(share, changes, random.Random(seed)):
+            vs = next(b for a, b in zip(old, new, strict=True) if a is not b)  # the one that changed
+            value = service_value(vs)
             t0 = time.perf_counter()
+            assembler.update(node_service_key(NODE, vs.vip, vs.port, vs.protocol), value)
+            app.offer(assembler.slice())
             ops = asyncio.run(app.reconcile_once())
             runs.append(time.perf_counter() - t0)
             if app.apply_error is not None or not any(isinstance(op, ReplaceTable) and op.delta for op in ops):
