@@ -75,7 +75,7 @@ class Put:
 
 
 @dataclass(frozen=True)
-class Delete:
+class _OnKey:
     vip: str
     port: int
 
@@ -85,15 +85,13 @@ class Delete:
 
 
 @dataclass(frozen=True)
-class Garbage:
+class Delete(_OnKey):
+    pass
+
+
+@dataclass(frozen=True)
+class Garbage(_OnKey):
     """A value no protocol version reads: the key keeps its last good value."""
-
-    vip: str
-    port: int
-
-    @property
-    def key(self) -> str:
-        return node_service_key(NODE, self.vip, self.port, "tcp")
 
 
 @dataclass(frozen=True)
