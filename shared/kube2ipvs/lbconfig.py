@@ -719,13 +719,23 @@ def in_configmap(name: str, issue: ConfigIssue) -> ConfigIssue:
     return ConfigIssue(f"ConfigMap {name}" + (f", {issue.path}" if issue.path else ""), issue.message)
 
 
+class MergeConflictError(ConfigError):
+    """Shards of a config that contradict each other; `configmap` is the one of the first conflict."""
+
+    def __init__(self, issues: Sequence[ConfigIssue], configmap: str) -> None:
+        super().__init__(issues)
+        self.configmap = configmap
+
+
 def merge_lbconfigs(shards: Sequence[tuple[str, LBConfig]]) -> LBConfig:
     """One config from the configs of several ConfigMaps (name, config), for a config too large
     for one: a ConfigMap holds at most 1 MiB, about 10,000 VIP:ports. Pools, entries and MTUs are
     united. A VIP:port may be configured by one shard only, and a label or a VIP's MTU may not be
     given different values by two shards: each such conflict is an error naming both ConfigMaps,
-    and the whole merged config is rejected (so no shard's half of a move is ever applied)."""
+    and the whole merged config is rejected (MergeConflictError; so no shard's half of a move is ever
+    applied)."""
     issues: list[ConfigIssue] = []
+    first: str | None = None  # the ConfigMap of the first conflict
     warnings: list[ConfigIssue] = []
     owner: dict[tuple[str, int], str] = {}
     labels: dict[str, tuple[str, str]] = {}  # key -> (value, shard)
@@ -738,25 +748,28 @@ def merge_lbconfigs(shards: Sequence[tuple[str, LBConfig]]) -> LBConfig:
         for key, value in config.labels:
             have = labels.setdefault(key, (value, name))
             if have[0] != value:
+                first = first or name
                 issues.append(in_configmap(name, ConfigIssue(
                     _join("labels", key, quote=True), f"{value!r} here, {have[0]!r} in ConfigMap {have[1]}")))
         for vip, mtu in config.mtu:
             had = mtus.setdefault(vip, (mtu, name))
             if had[0] != mtu:
                 section = "mtuConfig6" if ":" in vip else "mtuConfig"
+                first = first or name
                 issues.append(in_configmap(name, ConfigIssue(
                     _join(section, vip, quote=True), f"{mtu} here, {had[0]} in ConfigMap {had[1]}")))
         for e in config.entries:
             first = owner.setdefault((e.vip, e.port), name)
             if first != name:
                 section = "config" if e.family == 4 else "config6"
+                first = first or name
                 issues.append(in_configmap(name, ConfigIssue(
                     _join(_join(section, e.vip, quote=True), str(e.port), quote=True),
                     f"also configured in ConfigMap {first}")))
             else:
                 entries.append(e)
     if issues:
-        raise ConfigError(issues)
+        raise MergeConflictError(issues, first or "")
     return LBConfig(
         vip_pool=tuple(sorted(pool, key=address_sort_key)),
         labels=tuple(sorted((k, v) for k, (v, _) in labels.items())),

@@ -30,6 +30,7 @@ from kube2ipvs.lbconfig import (
     ConfigIssue,
     DefaultService,
     LBConfig,
+    MergeConflictError,
     Protocol,
     RemovalCheck,
     configmap_value,
@@ -284,10 +285,8 @@ class WatcherCore:
             return self._reject(ConfigError(issues), first_bad)
         try:
             config = merge_lbconfigs(parsed)
-        except ConfigError as exc:
-            # Name the ConfigMap of the first conflict: its issue path starts "ConfigMap <name>,".
-            at = exc.issues[0].path.removeprefix("ConfigMap ").split(",", 1)[0]
-            return self._reject(exc, self._shards.get(at, shards[0]))
+        except MergeConflictError as exc:  # the Event goes on the ConfigMap of the first conflict
+            return self._reject(exc, self._shards[exc.configmap])
         return self._settle(config, "\n".join(texts), shards)
 
     def _reject(self, exc: ConfigError, obj: dict[str, Any] | None) -> list[Notice]:
@@ -332,9 +331,7 @@ class WatcherCore:
 
 
 def _name(obj: dict[str, Any]) -> str:
-    meta = obj.get("metadata") or {}
-    name = meta.get("name") if isinstance(meta, dict) else None
-    return name if isinstance(name, str) else ""
+    return object_key(obj).rpartition("/")[2]
 
 
 def _annotations(obj: dict[str, Any]) -> dict[str, Any]:
